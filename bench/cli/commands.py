@@ -1,0 +1,231 @@
+"""The commands: run, list, show, leaderboard."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from bench.cli.app import app, user_errors
+from bench.errors import BenchError
+
+DbOpt = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL of the result store "
+                                              "[default: $BENCH_DB or sqlite:///bench.db]", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+
+
+def _store(db: str | None) -> Any:
+    from bench.results.store import Store
+
+    return Store(db)
+
+
+def _parse_hparams(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"invalid --hparam '{item}'; use key=value")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return tuple(sorted(out.items()))
+
+
+@app.command()
+@user_errors
+def run(
+    defense: Annotated[str, typer.Option("--defense", "-d", help="Defense registry name (see `bench list defenses`).")],
+    dataset: Annotated[str, typer.Option("--dataset", help="Dataset registry name.")] = "digits",
+    protocol: Annotated[Optional[str], typer.Option(help="Named protocol, e.g. pgd or pgd@1 [default: pgd].",
+                                                    show_default=False)] = None,
+    attack: Annotated[Optional[list[str]], typer.Option("--attack", help="Custom protocol: attack name (repeatable).")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="Custom protocol: Linf or L2.")] = None,
+    eps: Annotated[Optional[list[str]], typer.Option("--eps", help="Custom protocol: eps, e.g. 0.1 or 8/255 (repeatable).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Custom protocol: attack steps.")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Custom protocol: attack restarts.")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", "-n", help="Evaluate a seeded subset of this size.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for training, the example subset and attacks.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 128,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    recipe: Annotated[str, typer.Option(help="Training recipe: auto (cpu preset without a GPU), paper or cpu.")] = "auto",
+    epochs: Annotated[Optional[int], typer.Option(help="Override the recipe's number of epochs.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Load this checkpoint instead of training.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset root [default: $BENCH_DATA/<dataset>].")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Resize images to this side length.")] = None,
+    hparam: Annotated[Optional[list[str]], typer.Option("--hparam", help="Defense hyperparameter key=value (repeatable).")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train or load a defense, attack it, store every per-example outcome, print the result."""
+    from bench.config import RunConfig, parse_eps
+    from bench.harness.runner import execute, resolve
+    from bench.results.queries import run_summary
+    from bench.results.schema import RunStatus
+
+    config = RunConfig(
+        defense=defense, dataset=dataset, protocol=protocol, attacks=tuple(attack or ()), norm=norm,
+        eps=tuple(parse_eps(e) for e in (eps or ())), steps=steps, restarts=restarts, n_examples=n_examples,
+        seed=seed, batch_size=batch_size, device=device, recipe=recipe, epochs=epochs,
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+        data_dir=str(data_dir) if data_dir is not None else None, image_size=image_size,
+        hparams=_parse_hparams(hparam or []),
+    )
+    store = _store(db)
+    resolved = resolve(config)
+    existing = store.find_run(resolved.key)
+    stored = existing is not None and existing.status is RunStatus.FINISHED
+    progress = None
+    if not stored:
+        from bench.cli.output import stderr, warn
+        from bench.harness.progress import RichProgress
+
+        progress = RichProgress(stderr)
+        if config.n_examples is not None:
+            warn(f"evaluating a subset of {config.n_examples} examples: numbers are not comparable with full runs")
+    run_id = execute(config, store, progress)
+    summary = run_summary(store, run_id)
+    if as_json:
+        from bench.cli.output import print_json
+
+        print_json(summary)
+    else:
+        from bench.cli.output import print_summary
+
+        print_summary(summary, stored=stored)
+
+
+class ListWhat(str, Enum):
+    defenses = "defenses"
+    attacks = "attacks"
+    certifiers = "certifiers"
+    datasets = "datasets"
+    runs = "runs"
+
+
+@app.command("list")
+@user_errors
+def list_(
+    what: Annotated[Optional[ListWhat], typer.Argument(help="What to list [default: all registries].")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="runs: only this dataset.")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List registered defenses, attacks, certifiers, datasets, or stored runs."""
+    from bench.cli.output import print_json, stdout
+
+    if what is ListWhat.runs:
+        _list_runs(dataset, db, as_json)
+        return
+    from rich.table import Table
+
+    from bench.registry import ATTACKS, CERTIFIERS, DATASETS, DEFENSES
+
+    registries = {"defenses": DEFENSES, "attacks": ATTACKS, "certifiers": CERTIFIERS, "datasets": DATASETS}
+    chosen = {what.value: registries[what.value]} if what else registries
+    if as_json:
+        print_json({kind: [{"name": n, "summary": reg.summary(n)} for n in reg.names()] for kind, reg in chosen.items()})
+        return
+    for kind, reg in chosen.items():
+        table = Table(title=kind)
+        table.add_column("name")
+        table.add_column("description")
+        for name in reg.names():
+            table.add_row(name, reg.summary(name))
+        if not reg.names():
+            table.add_row("(none yet)", "")
+        stdout.print(table)
+
+
+def _list_runs(dataset: str | None, db: str | None, as_json: bool) -> None:
+    from rich.table import Table
+
+    from bench.cli.output import print_json, stdout
+
+    runs = _store(db).list_runs(dataset=dataset)
+    items = [{"run_id": r.id, "defense": r.defense, "dataset": r.dataset, "protocol": f"{r.protocol}@{r.protocol_version}",
+              "status": r.status.value, "n_examples": r.n_examples, "wall_time_s": r.wall_time_s,
+              "created_at": r.created_at.isoformat() if r.created_at else None} for r in runs]
+    if as_json:
+        print_json(items)
+        return
+    table = Table(title="runs")
+    for col in ("run_id", "defense", "dataset", "protocol", "status", "n_examples", "wall_time_s"):
+        table.add_column(col)
+    for item in items:
+        table.add_row(*[f"{item[c]:.1f}" if c == "wall_time_s" else str(item[c]) for c in
+                        ("run_id", "defense", "dataset", "protocol", "status", "n_examples", "wall_time_s")])
+    stdout.print(table)
+
+
+@app.command()
+@user_errors
+def show(
+    run_id: Annotated[int, typer.Argument(help="Run id (see `bench list runs`).")],
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one stored run: accuracies, checks, provenance."""
+    from bench.cli.output import print_json, print_summary, stdout
+    from bench.results.queries import run_summary
+
+    summary = run_summary(_store(db), run_id)
+    if as_json:
+        print_json(summary)
+        return
+    print_summary(summary, stored=True)
+    prov = summary.get("provenance") or {}
+    packages = ", ".join(f"{k} {v}" for k, v in (prov.get("packages") or {}).items() if v)
+    git = prov.get("git") or {}
+    stdout.print(f"provenance: bench {prov.get('bench_version')}"
+                 + (f" (git {git.get('commit', '')[:10]}{', dirty' if git.get('dirty') else ''})" if git else "")
+                 + f"; python {prov.get('python')}; {packages}; device {prov.get('device')}; seed {prov.get('seed')}")
+    model = summary.get("model") or {}
+    stdout.print(f"model: {model.get('source')} checkpoint sha256 {model.get('checkpoint_sha256')}; "
+                 f"examples hash {summary.get('indices_hash')}")
+    if summary.get("error"):
+        stdout.print(f"last error: {summary['error']}")
+
+
+class Format(str, Enum):
+    table = "table"
+    md = "md"
+    latex = "latex"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+@user_errors
+def leaderboard(
+    dataset: Annotated[str, typer.Option(help="Dataset whose runs to rank.")] = "digits",
+    protocol: Annotated[Optional[str], typer.Option(help="Protocol name[@version] [default: the most used].",
+                                                    show_default=False)] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Rank defenses on a dataset: clean, per-attack, worst-case robust and certified accuracy."""
+    from bench.cli.output import stdout
+    from bench.results.leaderboard import build_board, render, render_rich
+
+    board = build_board(_store(db), dataset, protocol)
+    if fmt is Format.table:
+        if output is not None:
+            raise BenchError("--format table prints to the terminal; use md, latex, csv or json with -o")
+        stdout.print(render_rich(board))
+        return
+    text = render(board, fmt.value)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        raise BenchError(f"cannot write {output}: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {output}", err=True)

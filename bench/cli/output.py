@@ -1,0 +1,61 @@
+"""Everything the CLI prints: one place for Rich rendering and JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.config import format_eps
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    """One line on stderr (no markup interpretation of user text)."""
+    print(f"error: {message}", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    title = (f"run {summary['run_id']} · {summary['defense']} on {summary['dataset']} · protocol "
+             f"{summary['protocol']} · n={summary['n_examples']}")
+    table = Table(title=title)
+    table.add_column("Evaluation")
+    table.add_column("Threat model")
+    table.add_column("Accuracy", justify="right")
+    table.add_row("clean", "-", _pct(summary["clean_accuracy"]))
+    for attack in summary["attacks"]:
+        table.add_row(attack["name"], f"{attack['norm']} eps={format_eps(attack['eps'])}", _pct(attack["accuracy"]))
+    if summary["robust_accuracy"] is not None:
+        table.add_row("[bold]robust (worst case)[/bold]", "all of the above", f"[bold]{_pct(summary['robust_accuracy'])}[/bold]")
+    for cert in summary.get("certified", []):
+        table.add_row(f"certified ({cert['certifier']})", f"radius {cert['radius']:g}", _pct(cert["accuracy"]))
+    return table
+
+
+def print_summary(summary: dict[str, Any], *, stored: bool = False) -> None:
+    stdout.print(summary_table(summary))
+    triggered = [c for c in summary["checks"] if c["triggered"]]
+    for check in triggered:
+        stdout.print(f"[yellow]check {check['name']}:[/yellow] {check['detail']}", markup=True)
+    status = summary.get("status")
+    note = "stored result, returned without recomputing" if stored else f"status {status}"
+    stdout.print(f"run {summary['run_id']}: {note}; wall time {summary['wall_time_s']:.1f} s. "
+                 f"`bench show {summary['run_id']}` for details.")

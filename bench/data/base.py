@@ -1,0 +1,159 @@
+"""The dataset contract.
+
+A dataset is a registry entry (``@register_dataset("name")``) subclassing :class:`Dataset`.
+Its class attribute ``spec`` (a :class:`DatasetSpec`) is plain data and cheap to read; its
+``load(split, root, image_size)`` returns a :class:`Split` of float images in [0, 1], shape
+(N, C, H, W), and integer labels. torch is imported only inside ``load``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from bench.config import ThreatModel
+from bench.errors import BenchError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Dataset", "DatasetSpec", "Split", "get_dataset", "indices_hash"]
+
+TASKS = ("multiclass", "binary", "multilabel")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the harness needs to know about a dataset without loading it."""
+
+    name: str
+    task: str
+    classes: tuple[str, ...]
+    input_shape: tuple[int, int, int]  # native (C, H, W)
+    image_size: int  # default side length the images are resized to
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    threat_models: tuple[ThreatModel, ...]
+    radii: tuple[float, ...]
+    splits: tuple[str, ...] = ("train", "test")
+    description: str = ""
+    citation: str = ""
+
+    def __post_init__(self) -> None:
+        assert self.task in TASKS, self.task
+        channels = self.input_shape[0]
+        assert len(self.mean) == channels and len(self.std) == channels, "mean/std must have one value per channel"
+        assert all(s > 0 for s in self.std)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[0]
+
+    def shape(self, image_size: int | None = None) -> tuple[int, int, int]:
+        size = image_size or self.image_size
+        return (self.channels, size, size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "classes": list(self.classes),
+            "input_shape": list(self.input_shape),
+            "image_size": self.image_size,
+            "threat_models": [t.to_dict() for t in self.threat_models],
+            "radii": list(self.radii),
+        }
+
+
+@dataclass
+class Split:
+    """One split of a dataset, in memory: images in [0,1] (N,C,H,W) and labels (N,)."""
+
+    dataset: str
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor | None = None  # positions in the full split, when this is a subset
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise ValueError("images and labels differ in length")
+        if self.indices is None:
+            import torch
+
+            self.indices = torch.arange(len(self.labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, positions: torch.Tensor) -> Split:
+        assert self.indices is not None
+        return Split(self.dataset, self.name, self.images[positions], self.labels[positions],
+                     self.indices[positions], dict(self.meta))
+
+
+def indices_hash(indices: Any) -> str:
+    """sha256 of the example indices (as int64 little-endian); identifies an evaluation subset."""
+    import numpy as np
+
+    arr = np.asarray(indices, dtype="<i8")
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+class Dataset:
+    """Base class of dataset registry entries. Subclasses set ``spec`` and implement ``_load``."""
+
+    name: ClassVar[str] = ""
+    spec: ClassVar[DatasetSpec]
+
+    def default_root(self) -> Path | None:
+        """``$BENCH_DATA/<name>`` when BENCH_DATA is set."""
+        base = os.environ.get("BENCH_DATA")
+        return Path(base) / self.spec.name if base else None
+
+    def load(self, split: str, root: str | os.PathLike[str] | None = None, image_size: int | None = None) -> Split:
+        """Load ``split`` as float images in [0, 1], resized to ``image_size`` (default: the spec's)."""
+        if split not in self.spec.splits:
+            raise BenchError(f"dataset '{self.spec.name}' has no split '{split}'; splits: {', '.join(self.spec.splits)}")
+        size = image_size or self.spec.image_size
+        resolved_root = Path(root) if root is not None else self.default_root()
+        data = self._load(split, resolved_root, size)
+        if tuple(data.images.shape[1:]) != self.spec.shape(size):
+            data = Split(data.dataset, data.name, _resize(data.images, size), data.labels, data.indices, data.meta)
+        _check_range(data)
+        return data
+
+    def _load(self, split: str, root: Path | None, image_size: int) -> Split:
+        raise NotImplementedError
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+
+
+def _check_range(data: Split) -> None:
+    images = data.images
+    if not images.is_floating_point():
+        raise ValueError(f"{data.dataset}/{data.name}: images must be float, got {images.dtype}")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{data.dataset}/{data.name}: pixel values must lie in [0, 1], got [{lo}, {hi}]")
+
+
+def get_dataset(name: str) -> Dataset:
+    """Instantiate the dataset registered as ``name``."""
+    from bench.registry import DATASETS
+
+    return DATASETS.get(name)()

@@ -1,0 +1,107 @@
+"""Checkpoint files: the cache of trained models and loading of user-supplied checkpoints.
+
+Trained models are cached under ``$BENCH_HOME/checkpoints`` (default ``~/.cache/bench``) by the
+hash of their training configuration, and written atomically (a crash never leaves a partial
+file under the final name). Every file a user hands in is loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.errors import CheckpointError
+
+FORMAT = "bench-checkpoint-1"
+
+
+def bench_home() -> Path:
+    return Path(os.environ.get("BENCH_HOME") or Path.home() / ".cache" / "bench")
+
+
+def checkpoint_dir() -> Path:
+    path = bench_home() / "checkpoints"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write ``{"format", "state_dict", "meta"}`` atomically to ``path``."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({"format": FORMAT, "state_dict": state_dict, "meta": meta}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load ``path`` safely and return ``(state_dict, meta)``.
+
+    Accepts bench's own format, the common ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers
+    and bare state dicts; strips DataParallel's ``module.`` prefix.
+    """
+    import torch
+
+    name = str(path)
+    if not os.path.isfile(name):
+        raise CheckpointError(f"checkpoint file not found: {name}")
+    try:
+        obj = torch.load(name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(f"refusing to load {name}: it contains Python objects other than tensors "
+                                  f"and plain containers, which weights_only=True rejects ({first})") from None
+        raise CheckpointError(f"{name} is not a PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError, IndexError,
+            KeyError, TypeError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint ({first})") from None
+    meta: dict[str, Any] = {}
+    state: Any = obj
+    if isinstance(obj, dict):
+        if isinstance(obj.get("meta"), dict):
+            meta = obj["meta"]
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{name} holds no state dict of tensors (expected a state_dict or "
+                              f"{{'state_dict': ...}})")
+    if all(str(k).startswith("module.") for k in state):
+        state = {str(k)[len("module."):]: v for k, v in state.items()}
+    return state, meta
+
+
+def load_into(defense: Any, model: Any, state: dict[str, Any], source: str) -> None:
+    """Load ``state`` into ``model`` through the defense's adapter; mismatches are user errors."""
+    try:
+        defense.load_state_dict(model, state)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[:3])
+        if len(detail) > 400:
+            detail = detail[:400] + "..."
+        raise CheckpointError(f"checkpoint {source} does not fit defense '{defense.name}': {detail}") from None

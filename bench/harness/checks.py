@@ -1,0 +1,83 @@
+"""Sanity checks run before any evaluation; each outcome is stored with the run.
+
+A triggered check does not stop the run: it is recorded (``checks`` table, ``bench show``,
+``--json``) so that a reader can judge the number. See docs/checks.md for remedies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    triggered: bool
+    detail: str
+
+
+def check_train_mode(model: nn.Module) -> CheckResult:
+    training = model.training
+    detail = ("the defense handed over a model in train mode; bench evaluates it in eval mode"
+              if training else "model handed over in eval mode")
+    return CheckResult("train_mode", training, detail)
+
+
+def check_randomness(model: nn.Module, x: torch.Tensor, declared: bool, repeats: int = 4) -> CheckResult:
+    """Forward the same batch several times: outputs must vary iff the model declares randomness."""
+    with torch.no_grad():
+        outs = [model(x) for _ in range(repeats)]
+    spread = max(float((o - outs[0]).abs().max()) for o in outs[1:])
+    varies = spread > 1e-5
+    if varies and not declared:
+        return CheckResult("randomized", True, f"outputs change between identical forward passes (max diff "
+                           f"{spread:.3g}) but the model does not declare randomized=True; deterministic "
+                           "evaluation would overestimate robustness")
+    if declared and not varies:
+        return CheckResult("randomized", True, "model declares randomized=True but repeated forward passes "
+                           "are identical")
+    return CheckResult("randomized", False, f"{'randomized' if declared else 'deterministic'} as declared "
+                       f"(max diff {spread:.3g} over {repeats} passes)")
+
+
+def check_logits(model: nn.Module, x: torch.Tensor) -> list[CheckResult]:
+    """Outputs must be finite logits, not probabilities."""
+    with torch.no_grad():
+        out = model(x)
+    finite = bool(torch.isfinite(out).all())
+    probs = bool(finite and out.min() >= 0 and out.max() <= 1 and torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-4))
+    return [
+        CheckResult("finite_output", not finite, "outputs are finite" if finite else "outputs contain NaN or inf"),
+        CheckResult("softmax_output", probs, "outputs look like probabilities (in [0,1], rows sum to 1): attacks "
+                    "need logits" if probs else "outputs look like logits"),
+    ]
+
+
+def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> CheckResult:
+    """Count examples whose cross-entropy input gradient is exactly zero (gradient masking or saturation)."""
+    x = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    zero = int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
+    detail = (f"{zero} of {len(x)} examples have an exactly zero input gradient (saturated softmax or masked "
+              "gradients): gradient attacks on cross-entropy cannot move them; margin losses or other attacks "
+              "are needed" if zero else f"no zero input gradients among {len(x)} examples")
+    return CheckResult("zero_gradient", zero > 0, detail)
+
+
+def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, declared_randomized: bool) -> list[CheckResult]:
+    results = [check_train_mode(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        results.append(check_randomness(model, x, declared_randomized))
+        results.extend(check_logits(model, x))
+        results.append(check_zero_gradients(model, x, y))
+    finally:
+        model.train(was_training)
+    return results

@@ -1,0 +1,59 @@
+"""Progress reporting. The harness talks to a :class:`Progress`; the CLI passes a Rich one
+(drawn on stderr, so ``--json`` output on stdout stays clean), library users the silent one."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Protocol
+
+
+class Task(Protocol):
+    def advance(self, n: int = 1, **fields: Any) -> None: ...
+
+
+class Progress:
+    """Silent progress: the default for library use and tests."""
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Task]:
+        yield _NullTask()
+
+    def log(self, message: str) -> None:
+        pass
+
+
+class _NullTask:
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        pass
+
+
+class RichProgress(Progress):
+    """Rich progress bars and log lines on stderr."""
+
+    def __init__(self, console: Any | None = None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Task]:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RP, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        with RP(*columns, console=self.console, transient=False) as bar:
+            task_id = bar.add_task(description, total=total, status="")
+            yield _RichTask(bar, task_id)
+
+    def log(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+
+class _RichTask:
+    def __init__(self, bar: Any, task_id: Any) -> None:
+        self.bar, self.task_id = bar, task_id
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        status = " ".join(f"{k}={v}" for k, v in fields.items())
+        self.bar.update(self.task_id, advance=n, status=status)

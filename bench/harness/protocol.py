@@ -1,0 +1,100 @@
+"""Named, versioned evaluation protocols.
+
+A protocol fixes the attacks with their budgets, how a randomized model's prediction is scored,
+how many examples are evaluated and with which seed. Rows are compared on the leaderboard only
+when their protocol name and version match. See docs/protocols.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bench.config import AttackSpec, RunConfig, ThreatModel, parse_norm, stable_hash
+from bench.data.base import DatasetSpec
+from bench.errors import BenchError
+
+__all__ = ["PROTOCOLS", "Protocol", "resolve_protocol"]
+
+DEFAULT_PROTOCOL = "pgd"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    version: int
+    attacks: tuple[AttackSpec, ...]
+    n_examples: int | None = None  # None: the whole test split
+    draws: int = 10  # re-draws used to score a randomized model (deterministic models use 1)
+    description: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "attacks": [a.to_dict() for a in self.attacks],
+                "n_examples": self.n_examples, "draws": self.draws}
+
+
+def _pgd_v1(spec: DatasetSpec) -> Protocol:
+    attacks = tuple(AttackSpec("pgd", t, (("restarts", 1), ("steps", 20))) for t in spec.threat_models)
+    return Protocol("pgd", 1, attacks, description="PGD-20 (1 restart, step 2.5*eps/20, random start) at each "
+                                                   "of the dataset's default threat models")
+
+
+def _clean_v1(spec: DatasetSpec) -> Protocol:
+    return Protocol("clean", 1, (), description="clean accuracy only")
+
+
+# name -> {version -> builder}; the highest version is the default
+PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
+    "pgd": {1: _pgd_v1},
+    "clean": {1: _clean_v1},
+}
+
+
+def _named(name: str, spec: DatasetSpec) -> Protocol:
+    base, _, version = name.partition("@")
+    versions = PROTOCOLS.get(base.strip().lower())
+    if versions is None:
+        raise BenchError(f"unknown protocol '{name}'; known: {', '.join(sorted(PROTOCOLS))}")
+    if version:
+        try:
+            builder = versions[int(version)]
+        except (ValueError, KeyError):
+            raise BenchError(f"protocol '{base}' has no version '{version}'; versions: "
+                             f"{', '.join(map(str, sorted(versions)))}") from None
+    else:
+        builder = versions[max(versions)]
+    return builder(spec)
+
+
+def _custom(config: RunConfig, spec: DatasetSpec) -> Protocol:
+    norm = parse_norm(config.norm) if config.norm else spec.threat_models[0].norm
+    if config.eps:
+        threats = tuple(ThreatModel(norm, e) for e in config.eps)
+    else:
+        threats = tuple(t for t in spec.threat_models if t.norm is norm)
+        if not threats:
+            raise BenchError(f"dataset '{spec.name}' has no default {norm.value} eps; give --eps")
+    params: dict[str, Any] = {}
+    if config.steps is not None:
+        params["steps"] = config.steps
+    if config.restarts is not None:
+        params["restarts"] = config.restarts
+    attacks = tuple(AttackSpec(a, t, tuple(sorted(params.items()))) for t in threats for a in (config.attacks or ("pgd",)))
+    digest = stable_hash([a.to_dict() for a in attacks], 8)
+    return Protocol(f"custom-{digest}", 1, attacks, description="custom protocol from command-line options")
+
+
+def resolve_protocol(config: RunConfig, spec: DatasetSpec) -> Protocol:
+    """The protocol ``config`` asks for: a named one, or a custom one built from its options."""
+    custom = bool(config.attacks or config.eps or config.norm or config.steps is not None
+                  or config.restarts is not None)
+    protocol = _custom(config, spec) if custom else _named(config.protocol or DEFAULT_PROTOCOL, spec)
+    if config.n_examples is not None:
+        from dataclasses import replace
+
+        protocol = replace(protocol, n_examples=config.n_examples)
+    return protocol

@@ -1,0 +1,337 @@
+"""``bench run``: resolve -> (stored result?) -> data -> model -> checks -> clean -> attacks.
+
+Every stage reads what is already stored for the run and skips it, so an interrupted run
+continues where it stopped and yields the same numbers (each batch is seeded by its position,
+not by what ran before). A run is marked finished only after its last stage.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import bench
+from bench.config import AttackSpec, RunConfig, stable_hash
+from bench.data.base import DatasetSpec
+from bench.defenses.base import Defense, Recipe
+from bench.harness.device import device_kind, resolve_device
+from bench.harness.progress import Progress
+from bench.harness.protocol import Protocol, resolve_protocol
+from bench.registry import DATASETS, DEFENSES
+from bench.results.schema import EvalKind, RunStatus
+from bench.results.store import Store
+
+if TYPE_CHECKING:
+    import torch
+
+    from bench.data.base import Dataset, Split
+    from bench.models.defended import DefendedModel
+
+__all__ = ["ResolvedRun", "execute", "resolve"]
+
+# Bump when a change to the training code makes cached checkpoints stale.
+TRAINING_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run configuration with every default filled in; its ``key`` identifies the run."""
+
+    config: RunConfig
+    defense: Defense
+    spec: DatasetSpec
+    protocol: Protocol
+    device: str
+    hparams: dict[str, Any]
+    image_size: int
+    data_root: str | None
+    recipe_name: str | None
+    recipe: Recipe | None
+    checkpoint_sha256: str | None
+    key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "defense": self.defense.name,
+            "dataset": self.spec.name,
+            "protocol": self.protocol.to_dict(),
+            "hparams": self.hparams,
+            "image_size": self.image_size,
+            "radii": list(self.spec.radii),
+            "data_root": self.data_root,
+            "recipe_name": self.recipe_name,
+            "recipe": self.recipe.to_dict() if self.recipe else None,
+            "checkpoint": self.config.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "seed": self.config.seed,
+            "batch_size": self.config.batch_size,
+            "device_kind": device_kind(self.device),
+            "bench_version": bench.__version__,
+        }
+
+
+def resolve(config: RunConfig) -> ResolvedRun:
+    """Validate ``config`` and fill in defaults, without importing torch when avoidable."""
+    from bench.harness.checkpoints import sha256_file
+
+    config.validate()
+    defense: Defense = DEFENSES.get(config.defense)()
+    spec: DatasetSpec = DATASETS.get(config.dataset).spec
+    protocol = resolve_protocol(config, spec)
+    device = resolve_device(config.device)
+    image_size = config.image_size or spec.image_size
+    hparams = defense.resolve_hparams(dict(config.hparams), image_size)
+    root = config.data_dir or (os.path.join(os.environ["BENCH_DATA"], spec.name) if os.environ.get("BENCH_DATA") else None)
+    data_root = str(Path(root).resolve()) if root else None
+    recipe_name: str | None = None
+    recipe: Recipe | None = None
+    checkpoint_sha = None
+    if config.checkpoint:
+        checkpoint_sha = sha256_file(config.checkpoint)
+    else:
+        recipe_name = config.recipe if config.recipe != "auto" else ("cpu" if device_kind(device) == "cpu" else "paper")
+        recipe = defense.recipe(recipe_name).with_overrides(epochs=config.epochs)
+    partial = ResolvedRun(config, defense, spec, protocol, device, hparams, image_size, data_root, recipe_name,
+                          recipe, checkpoint_sha, key="")
+    return ResolvedRun(**{**partial.__dict__, "key": stable_hash(partial.to_dict(), 32)})
+
+
+def execute(config: RunConfig, store: Store, progress: Progress | None = None) -> int:
+    """Run (or resume, or look up) the evaluation ``config`` describes; return the run id."""
+    resolved = resolve(config)
+    existing = store.find_run(resolved.key)
+    if existing is not None and existing.status is RunStatus.FINISHED:
+        return existing.id
+    progress = progress or Progress()
+    return _execute(resolved, store, progress, existing.id if existing is not None else None)
+
+
+def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: int | None) -> int:
+    import torch
+
+    from bench.harness import provenance
+
+    started = time.perf_counter()
+    dataset: Dataset = DATASETS.get(resolved.spec.name)()
+    test = select_examples(dataset.load("test", resolved.data_root, resolved.image_size), resolved.protocol,
+                           resolved.config.seed)
+    from bench.data.base import indices_hash
+
+    assert test.indices is not None
+    idx_hash = indices_hash(test.indices.numpy())
+    model, model_id, model_sha = obtain_model(resolved, dataset, store, progress)
+    prov = provenance.collect(device=resolved.device, seed=resolved.config.seed, dataset=resolved.spec.name,
+                              indices_hash=idx_hash, checkpoint_sha256=model_sha, data_root=resolved.data_root)
+    fields = dict(model_id=model_id, defense=resolved.defense.name, dataset=resolved.spec.name,
+                  protocol=resolved.protocol.name, protocol_version=resolved.protocol.version,
+                  config=resolved.to_dict(), seed=resolved.config.seed, n_examples=len(test),
+                  indices_hash=idx_hash, indices=test.indices.tolist(), provenance=prov)
+    if run_id is None:
+        run_id = store.create_run(resolved.key, **fields)
+    else:
+        progress.log(f"resuming run {run_id}")
+        store.update_run(run_id, status=RunStatus.RUNNING, provenance=prov, model_id=model_id)
+    device = torch.device(resolved.device)
+    model.to(device)
+    counts = [0, 0]
+    try:
+        _record_checks(store, run_id, model, test, device)
+        model.eval()
+        draws = resolved.protocol.draws if getattr(model, "randomized", False) else 1
+        evaluator = Evaluator(store, run_id, model, test, device, resolved.config.batch_size,
+                              resolved.config.seed, draws, progress)
+        alive = evaluator.clean()
+        groups: dict[tuple[str, float], set[int]] = {}
+        for position, spec in enumerate(resolved.protocol.attacks, start=1):
+            group = (spec.threat.norm.value, spec.threat.eps)
+            groups[group] = evaluator.attack(position, spec, groups.get(group, alive))
+        counts = [evaluator.forward_passes, evaluator.backward_passes]
+        store.finish_run(run_id)
+    except BaseException as exc:
+        store.fail_run(run_id, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        raise
+    finally:
+        store.add_run_cost(run_id, time.perf_counter() - started, *counts)
+    return run_id
+
+
+def select_examples(split: Split, protocol: Protocol, seed: int) -> Split:
+    """The protocol's evaluation subset: all examples, or a seeded random subset in index order."""
+    import torch
+
+    n = protocol.n_examples
+    if n is None or n >= len(split):
+        return split
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.randperm(len(split), generator=generator)[:n].sort().values
+    return split.subset(positions)
+
+
+def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store,
+                 progress: Progress) -> tuple[DefendedModel, int, str]:
+    """Load the user's checkpoint, or the cached trained model, or train one and cache it."""
+    import torch
+
+    from bench.data.base import indices_hash
+    from bench.harness.checkpoints import checkpoint_dir, load_into, read_checkpoint, save_checkpoint, sha256_file
+
+    defense, spec = resolved.defense, resolved.spec
+    model = defense.build(spec, resolved.image_size, **resolved.hparams)
+    common = dict(defense=defense.name, dataset=spec.name, arch=str(resolved.hparams.get("arch")),
+                  hparams=resolved.hparams)
+    if resolved.config.checkpoint:
+        path, sha = resolved.config.checkpoint, resolved.checkpoint_sha256
+        assert sha is not None
+        state, meta = read_checkpoint(path)
+        load_into(defense, model, state, path)
+        key = stable_hash({"file": sha, "defense": defense.name, "dataset": spec.name, "hparams": resolved.hparams,
+                           "image_size": resolved.image_size}, 32)
+        model_id = store.upsert_model(key, **common, recipe=None, source="file",
+                                      checkpoint_path=str(Path(path).resolve()), checkpoint_sha256=sha,
+                                      train_summary=meta.get("train_summary"))
+        return model.eval(), model_id, sha
+    assert resolved.recipe is not None
+    train = dataset.load("train", resolved.data_root, resolved.image_size)
+    assert train.indices is not None
+    key = stable_hash({"defense": defense.name, "dataset": spec.name, "hparams": resolved.hparams,
+                       "image_size": resolved.image_size, "recipe": resolved.recipe.to_dict(),
+                       "seed": resolved.config.seed, "device_kind": device_kind(resolved.device),
+                       "train_indices": indices_hash(train.indices.numpy()),
+                       "train_labels": stable_hash(train.labels.tolist()), "training_version": TRAINING_VERSION}, 32)
+    path = checkpoint_dir() / f"{defense.name}-{spec.name}-{key[:16]}.pt"
+    summary: dict[str, Any] | None = None
+    if path.exists():
+        try:
+            state, meta = read_checkpoint(path)
+            load_into(defense, model, state, str(path))
+            summary = meta.get("train_summary")
+            progress.log(f"using cached model {path}")
+        except Exception as exc:  # noqa: BLE001 - a broken cache entry is retrained, never trusted
+            progress.log(f"cached model {path} is unusable ({exc}); retraining")
+            model = defense.build(spec, resolved.image_size, **resolved.hparams)
+            summary = None
+    if summary is None:
+        progress.log(f"training {defense.name} on {spec.name} ({resolved.recipe_name} recipe, "
+                     f"{resolved.recipe.epochs} epochs, {resolved.device})")
+        result = defense.fit(model, train, resolved.recipe, spec=spec, device=torch.device(resolved.device),
+                             seed=resolved.config.seed, progress=progress)
+        summary = result.to_dict()
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_checkpoint(path, state, {"train_summary": summary, "key": key, "defense": defense.name,
+                                      "dataset": spec.name, "bench_version": bench.__version__})
+    sha = sha256_file(path)
+    model_id = store.upsert_model(key, **common, recipe=resolved.recipe.to_dict(), source="trained",
+                                  checkpoint_path=str(path), checkpoint_sha256=sha, train_summary=summary)
+    return model.eval(), model_id, sha
+
+
+def _record_checks(store: Store, run_id: int, model: DefendedModel, test: Split, device: torch.device) -> None:
+    from bench.harness.checks import run_checks
+
+    x, y = test.images[:64].to(device), test.labels[:64].to(device)
+    for check in run_checks(model, x, y, bool(getattr(model, "randomized", False))):
+        store.set_check(run_id, check.name, check.triggered, check.detail)
+
+
+def _batches(items: Sequence[int], size: int) -> Iterator[tuple[int, list[int]]]:
+    for number, begin in enumerate(range(0, len(items), size)):
+        yield number, list(items[begin:begin + size])
+
+
+def _seed(*parts: int) -> int:
+    return int(stable_hash(list(parts), 12), 16)
+
+
+class Evaluator:
+    """Runs the stages of one run over its examples, batch by batch, skipping stored rows."""
+
+    def __init__(self, store: Store, run_id: int, model: DefendedModel, data: Split, device: torch.device,
+                 batch_size: int, seed: int, draws: int, progress: Progress) -> None:
+        assert data.indices is not None
+        self.store, self.run_id, self.model, self.device = store, run_id, model, device
+        self.batch_size, self.seed, self.draws, self.progress = batch_size, seed, draws, progress
+        self.index = [int(i) for i in data.indices.tolist()]
+        self.position_of = {ex: pos for pos, ex in enumerate(self.index)}
+        self.images, self.labels = data.images, data.labels
+        self.forward_passes = 0
+        self.backward_passes = 0
+
+    def _tensors(self, examples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        pos = torch.tensor([self.position_of[e] for e in examples])
+        return self.images[pos].to(self.device), self.labels[pos].to(self.device)
+
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Majority-vote prediction and number of correct draws over ``self.draws`` forward passes."""
+        import torch
+
+        with torch.no_grad():
+            preds = torch.stack([self.model(x).argmax(dim=1) for _ in range(self.draws)])
+        self.forward_passes += self.draws * len(x)
+        votes = torch.nn.functional.one_hot(preds, self.model.num_classes).sum(dim=0)
+        return votes.argmax(dim=1), (preds == y).sum(dim=0)
+
+    def _rows(self, examples: list[int], y: torch.Tensor, pred: torch.Tensor, correct_draws: torch.Tensor,
+              norms: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        return [{"example_index": ex, "label": int(y[k]), "prediction": int(pred[k]),
+                 "correct": int(correct_draws[k]) == self.draws, "draws": self.draws,
+                 "correct_draws": int(correct_draws[k]),
+                 "perturbation_norm": float(norms[k]) if norms is not None else None}
+                for k, ex in enumerate(examples)]
+
+    def _correct(self, evaluation_id: int) -> set[int]:
+        return {r.example_index for r in self.store.results([evaluation_id]) if r.correct}
+
+    def clean(self) -> set[int]:
+        """Clean predictions for every example; returns the indices classified correctly."""
+        import torch
+
+        ev = self.store.evaluation(self.run_id, 0, EvalKind.CLEAN, "clean")
+        done = self.store.done_indices(ev)
+        batches = list(_batches(self.index, self.batch_size))
+        with self.progress.task("clean", total=len(self.index)) as task:
+            for number, examples in batches:
+                todo = [e for e in examples if e not in done]
+                if todo:
+                    torch.manual_seed(_seed(self.seed, 0, number))
+                    x, y = self._tensors(todo)
+                    pred, correct_draws = self.score(x, y)
+                    self.store.add_results(ev, self._rows(todo, y, pred, correct_draws), forward=self.draws * len(x))
+                task.advance(len(examples))
+        self.store.finish_evaluation(ev)
+        return self._correct(ev)
+
+    def attack(self, position: int, spec: AttackSpec, alive: set[int]) -> set[int]:
+        """Attack the still-robust examples ``alive``; returns those that survive."""
+        import torch
+
+        from bench.attacks.base import perturbation_norm
+        from bench.registry import ATTACKS
+
+        attack = ATTACKS.get(spec.attack)(**spec.kwargs)
+        ev = self.store.evaluation(self.run_id, position, EvalKind.ATTACK, spec.attack, norm=spec.threat.norm.value,
+                                   eps=spec.threat.eps, params=spec.kwargs)
+        done = self.store.done_indices(ev)
+        targets = [e for e in self.index if e in alive]
+        with self.progress.task(spec.label, total=len(targets)) as task:
+            for number, examples in _batches(targets, self.batch_size):
+                todo = [e for e in examples if e not in done]
+                if todo:
+                    torch.manual_seed(_seed(self.seed, position, number))
+                    x, y = self._tensors(todo)
+                    result = attack(self.model, x, y, spec.threat)
+                    pred, correct_draws = self.score(result.x_adv, y)
+                    norms = perturbation_norm(x, result.x_adv, spec.threat.norm)
+                    self.forward_passes += result.forward_passes
+                    self.backward_passes += result.backward_passes
+                    self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, norms),
+                                           forward=result.forward_passes + self.draws * len(x),
+                                           backward=result.backward_passes)
+                task.advance(len(examples))
+        self.store.finish_evaluation(ev)
+        return alive & self._correct(ev)

@@ -1,0 +1,94 @@
+"""The one training loop every defense shares."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bench.data.base import Split
+from bench.defenses.base import Recipe
+from bench.harness.progress import Progress
+
+Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar
+
+
+@dataclass
+class TrainSummary:
+    epochs: int
+    steps: int
+    seconds: float
+    final_loss: float
+    final_train_accuracy: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay, nesterov=False)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if recipe.schedule == "multistep" and recipe.milestones:
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(recipe.milestones), gamma=recipe.gamma)
+    if recipe.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    return None
+
+
+def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device, seed: int = 0,
+        progress: Progress | None = None, perturb: Perturb | None = None, loss_fn: Loss = F.cross_entropy) -> TrainSummary:
+    """Train ``model`` in place for ``recipe.epochs`` epochs of shuffled mini-batches.
+
+    ``perturb(model, x, y)``, when given, replaces each clean batch by a perturbed one (computed
+    with the model in eval mode), which is how adversarial training plugs in. Shuffling and any
+    randomness in ``perturb`` are seeded from ``seed``.
+    """
+    progress = progress or Progress()
+    torch.manual_seed(seed)
+    shuffle = torch.Generator().manual_seed(seed)
+    model.to(device)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe)
+    images, labels = train.images, train.labels
+    n = len(labels)
+    history: list[dict[str, float]] = []
+    steps = 0
+    start = time.perf_counter()
+    with progress.task(f"training ({n} images)", total=recipe.epochs) as task:
+        for epoch in range(recipe.epochs):
+            order = torch.randperm(n, generator=shuffle)
+            total_loss, correct = 0.0, 0
+            for begin in range(0, n, recipe.batch_size):
+                idx = order[begin:begin + recipe.batch_size]
+                x, y = images[idx].to(device), labels[idx].to(device)
+                if perturb is not None:
+                    x = perturb(model, x, y).detach()
+                model.train()
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                total_loss += float(loss.detach()) * len(y)
+                correct += int((logits.detach().argmax(1) == y).sum())
+            if scheduler is not None:
+                scheduler.step()
+            record = {"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n}
+            history.append(record)
+            task.advance(1, loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
+    model.eval()
+    last = history[-1]
+    return TrainSummary(epochs=recipe.epochs, steps=steps, seconds=time.perf_counter() - start,
+                        final_loss=last["loss"], final_train_accuracy=last["train_accuracy"], history=history)

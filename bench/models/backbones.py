@@ -1,0 +1,94 @@
+"""Backbones sized by the dataset spec: a small CNN for tiny images, a CIFAR ResNet-18 otherwise."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bench.models.names import ARCH_NAMES, resolve_arch
+
+
+class SmallCNN(nn.Module):
+    """Four 3x3 conv layers in two stages, then two linear layers. For images up to ~32 px."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, hidden: int = 128) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * 4, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """The CIFAR variant of ResNet (3x3 stem, no max-pool), global average pooling."""
+
+    def __init__(self, blocks: tuple[int, ...], in_channels: int, num_classes: int, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers = []
+        in_planes = width
+        for i, n in enumerate(blocks):
+            planes = width * 2**i
+            stride = 1 if i == 0 else 2
+            stage = []
+            for j in range(n):
+                stage.append(BasicBlock(in_planes, planes, stride if j == 0 else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+Builder = Callable[[int, int], nn.Module]
+
+ARCHS: dict[str, Builder] = {
+    "cnn-small": lambda c, k: SmallCNN(c, k),
+    "resnet18": lambda c, k: ResNet((2, 2, 2, 2), c, k),
+}
+assert set(ARCHS) == set(ARCH_NAMES)
+
+
+def build_backbone(arch: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    return ARCHS[resolve_arch(arch, image_size)](in_channels, num_classes)

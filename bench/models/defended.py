@@ -1,0 +1,53 @@
+"""The model every defense hands to the harness."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from bench.models.normalize import Normalize
+
+
+class DefendedModel(nn.Module):
+    """Maps images in [0, 1], shape (N, C, H, W), to logits.
+
+    Declarations the harness and certifiers read (class or instance attributes):
+
+    * ``randomized``: the forward pass draws fresh randomness on every call, in eval mode too.
+      Such a model must override :meth:`freeze_randomness`.
+    * ``sigma``: the Gaussian noise level (pixel space) a smoothing certificate should use.
+    * ``lipschitz_bound`` and ``lipschitz_guarantee``: a *guaranteed* L2 Lipschitz bound of the
+      logit map and how it is guaranteed; ``None`` when there is none.
+    * :meth:`bpda_surrogates`: differentiable stand-ins for non-differentiable components.
+    """
+
+    randomized: bool = False
+    sigma: float | None = None
+    lipschitz_bound: float | None = None
+    lipschitz_guarantee: str | None = None
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 input_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    @contextmanager
+    def freeze_randomness(self) -> Iterator[None]:
+        """Within this context, every forward pass uses one fixed draw of the randomness.
+
+        Deterministic models have nothing to freeze; randomized models override this.
+        """
+        yield
+
+    def bpda_surrogates(self) -> dict[str, nn.Module]:
+        """Components to replace in the backward pass, by module name (none by default)."""
+        return {}

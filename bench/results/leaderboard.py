@@ -1,0 +1,199 @@
+"""Leaderboards: one row per (defense, model) for a dataset and protocol, and pure renderers.
+
+:func:`build_board` queries the store; :func:`board_from_summaries` is the pure part that
+turns run summaries into a :class:`Board`. The renderers (Markdown, LaTeX, CSV, JSON) are pure
+functions of a board and render the same rows; accuracies are shown in percent with two
+decimals in Markdown/LaTeX/terminal, and as full-precision fractions in CSV/JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bench.config import format_eps
+from bench.errors import BenchError
+from bench.results.schema import RunStatus
+from bench.results.store import Store
+
+__all__ = ["Board", "Column", "board_from_summaries", "build_board", "render", "FORMATS"]
+
+FORMATS = ("table", "md", "latex", "csv", "json")
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    kind: str  # text | accuracy | int
+
+
+@dataclass(frozen=True)
+class Board:
+    dataset: str
+    protocol: str
+    columns: tuple[Column, ...]
+    rows: tuple[dict[str, Any], ...]
+
+
+def _attack_key(attack: dict[str, Any]) -> tuple[str, str]:
+    label = f"{attack['name']} {attack['norm']} {format_eps(attack['eps'])}"
+    return f"attack:{label}", label
+
+
+def _model_label(summary: dict[str, Any]) -> str:
+    model = summary.get("model") or {}
+    arch = (model.get("hparams") or {}).get("arch") or "model"
+    sha = model.get("checkpoint_sha256") or ""
+    return f"{arch} {sha[:8]}".strip()
+
+
+def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[str, Any]]) -> Board:
+    """Build a board from run summaries (one per model; the caller picks which run)."""
+    rows: list[dict[str, Any]] = []
+    attack_cols: dict[str, str] = {}
+    radius_cols: dict[str, str] = {}
+    for summary in summaries:
+        row: dict[str, Any] = {
+            "defense": summary["defense"],
+            "model": _model_label(summary),
+            "run_id": summary["run_id"],
+            "clean": summary["clean_accuracy"],
+        }
+        for attack in summary["attacks"]:
+            key, label = _attack_key(attack)
+            attack_cols.setdefault(key, label)
+            row[key] = attack["accuracy"]
+        row["robust"] = summary["robust_accuracy"]
+        for cert in summary.get("certified", []):
+            key = f"certified:{cert['certifier']}@{cert['radius']:g}"
+            radius_cols.setdefault(key, f"{cert['certifier']} r={cert['radius']:g}")
+            row[key] = cert["accuracy"]
+        row["n"] = summary["n_examples"]
+        rows.append(row)
+    rows.sort(key=lambda r: (r.get("robust") is None, -(r.get("robust") or 0.0), -(r.get("clean") or 0.0),
+                             r["defense"], r["run_id"]))
+    columns = (Column("defense", "Defense", "text"), Column("model", "Model", "text"),
+               Column("clean", "Clean", "accuracy"),
+               *(Column(k, t, "accuracy") for k, t in attack_cols.items()),
+               Column("robust", "Robust (worst case)", "accuracy"),
+               *(Column(k, t, "accuracy") for k, t in radius_cols.items()),
+               Column("n", "N", "int"))
+    return Board(dataset, protocol, columns, tuple(rows))
+
+
+def build_board(store: Store, dataset: str, protocol: str | None = None) -> Board:
+    """The leaderboard of ``dataset`` under ``protocol`` (default: the most used protocol there)."""
+    from bench.results.queries import run_summary
+
+    runs = store.list_runs(dataset=dataset, status=RunStatus.FINISHED)
+    if not runs:
+        raise BenchError(f"no finished runs for dataset '{dataset}' in {store.url}")
+    keys = [f"{r.protocol}@{r.protocol_version}" for r in runs]
+    if protocol is None:
+        protocol = max(sorted(set(keys)), key=lambda k: (keys.count(k), k == "pgd@1"))
+    elif "@" not in protocol:
+        versions = sorted((k for k in set(keys) if k.split("@")[0] == protocol), key=lambda k: int(k.split("@")[1]))
+        protocol = versions[-1] if versions else protocol
+    chosen = [r for r, k in zip(runs, keys) if k == protocol]
+    if not chosen:
+        raise BenchError(f"no finished runs for dataset '{dataset}' under protocol '{protocol}'; "
+                         f"protocols present: {', '.join(sorted(set(keys)))}")
+    latest: dict[Any, Any] = {}
+    for run in chosen:  # ordered by id: the latest run of each (defense, model) wins
+        latest[(run.defense, run.model_id)] = run
+    return board_from_summaries(dataset, protocol, (run_summary(store, r.id) for r in latest.values()))
+
+
+# -- renderers (pure) --------------------------------------------------------------------
+def _percent(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _cell(column: Column, value: Any) -> str:
+    if column.kind == "accuracy":
+        return _percent(value)
+    return "-" if value is None else str(value)
+
+
+def render_markdown(board: Board) -> str:
+    header = [c.title for c in board.columns]
+    align = ["---" if c.kind == "text" else "---:" for c in board.columns]
+    lines = [f"Leaderboard: {board.dataset}, protocol {board.protocol} (accuracy in %)", "",
+             "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    for row in board.rows:
+        cells = [_cell(c, row.get(c.key)).replace("|", "\\|") for c in board.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def render_latex(board: Board) -> str:
+    best = {c.key: max((r[c.key] for r in board.rows if r.get(c.key) is not None), default=None)
+            for c in board.columns if c.kind == "accuracy"}
+    spec = "".join("l" if c.kind == "text" else "r" for c in board.columns)
+    lines = [r"% requires \usepackage{booktabs}",
+             f"% {latex_escape(board.dataset)}, protocol {latex_escape(board.protocol)}; accuracy in \\%",
+             rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+             " & ".join(latex_escape(c.title) for c in board.columns) + r" \\", r"\midrule"]
+    for row in board.rows:
+        cells = []
+        for c in board.columns:
+            text = latex_escape(_cell(c, row.get(c.key)))
+            if c.kind == "accuracy" and row.get(c.key) is not None and row.get(c.key) == best.get(c.key):
+                text = rf"\textbf{{{text}}}"
+            cells.append(text)
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(board: Board) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([c.title for c in board.columns])
+    for row in board.rows:
+        writer.writerow(["" if row.get(c.key) is None else repr(row[c.key]) if isinstance(row.get(c.key), float)
+                         else row[c.key] for c in board.columns])
+    return out.getvalue()
+
+
+def render_json(board: Board) -> str:
+    payload = {
+        "dataset": board.dataset,
+        "protocol": board.protocol,
+        "columns": [{"key": c.key, "title": c.title, "kind": c.kind} for c in board.columns],
+        "rows": [{c.key: row.get(c.key) for c in board.columns} | {"run_id": row.get("run_id")} for row in board.rows],
+    }
+    return json.dumps(payload, indent=2) + "\n"
+
+
+def render_rich(board: Board) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{board.dataset} · protocol {board.protocol} · accuracy %")
+    for c in board.columns:
+        table.add_column(c.title, justify="left" if c.kind == "text" else "right")
+    for row in board.rows:
+        table.add_row(*[_cell(c, row.get(c.key)) for c in board.columns])
+    return table
+
+
+RENDERERS = {"md": render_markdown, "latex": render_latex, "csv": render_csv, "json": render_json}
+
+
+def render(board: Board, fmt: str) -> str:
+    if fmt not in RENDERERS:
+        raise BenchError(f"unknown format '{fmt}'; use one of: {', '.join(FORMATS)}")
+    return RENDERERS[fmt](board)

@@ -1,0 +1,76 @@
+"""Queries that turn stored rows into the run summary (the ``--json`` object) and leaderboards."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from bench.errors import BenchError
+from bench.results.schema import RunRow, RunStatus
+from bench.results.store import Store, iso
+from bench.results.summary import Outcome, Stage, attack_table, certified_table
+
+__all__ = ["run_summary"]
+
+
+def _stages_and_outcomes(store: Store, run_id: int) -> tuple[list[Stage], dict[int, list[Outcome]]]:
+    evaluations = store.evaluations(run_id)
+    stages = [Stage(e.id, e.position, e.kind, e.method, e.norm, e.eps, e.finished, e.sigma) for e in evaluations]
+    outcomes: dict[int, list[Outcome]] = defaultdict(list)
+    for row in store.results([s.id for s in stages]):
+        outcomes[row.evaluation_id].append(Outcome(row.example_index, row.correct, row.radius, row.abstained))
+    return stages, outcomes
+
+
+def get_run_or_fail(store: Store, run_id: int) -> RunRow:
+    run = store.get_run(run_id)
+    if run is None:
+        raise BenchError(f"no run with id {run_id} in {store.url}")
+    return run
+
+
+def run_summary(store: Store, run_id: int) -> dict[str, Any]:
+    """The run's summary object (stable keys; later versions only add keys)."""
+    run = get_run_or_fail(store, run_id)
+    stages, outcomes = _stages_and_outcomes(store, run_id)
+    n = run.n_examples or 0
+    table = attack_table(stages, outcomes, n)
+    radii = (run.config or {}).get("radii") or []
+    model = store.get_model(run.model_id) if run.model_id is not None else None
+    return {
+        "run_id": run.id,
+        "defense": run.defense,
+        "dataset": run.dataset,
+        "protocol": f"{run.protocol}@{run.protocol_version}",
+        "n_examples": n,
+        "clean_accuracy": table["clean_accuracy"],
+        "attacks": table["attacks"],
+        "robust_accuracy": table["robust_accuracy"],
+        "certified": certified_table(stages, outcomes, n, radii),
+        "checks": [{"name": c.name, "triggered": c.triggered, "detail": c.detail} for c in store.checks(run_id)],
+        "wall_time_s": run.wall_time_s,
+        # additions beyond the stable core
+        "status": run.status.value,
+        "complete": run.status is RunStatus.FINISHED,
+        "threat_models": table["threat_models"],
+        "model": None if model is None else {
+            "id": model.id, "source": model.source, "checkpoint_path": model.checkpoint_path,
+            "checkpoint_sha256": model.checkpoint_sha256, "hparams": model.hparams,
+            "train_summary": _short_train_summary(model.train_summary),
+        },
+        "forward_passes": run.forward_passes,
+        "backward_passes": run.backward_passes,
+        "seed": run.seed,
+        "indices_hash": run.indices_hash,
+        "config": run.config,
+        "provenance": run.provenance,
+        "created_at": iso(run.created_at),
+        "finished_at": iso(run.finished_at),
+        "error": run.error,
+    }
+
+
+def _short_train_summary(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not summary:
+        return None
+    return {k: summary[k] for k in ("epochs", "steps", "seconds", "final_loss", "final_train_accuracy") if k in summary}
