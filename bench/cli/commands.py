@@ -82,14 +82,16 @@ def run(
     stored = existing is not None and existing.status is RunStatus.FINISHED
     progress = None
     if not stored:
-        from bench.cli.output import stderr, warn
+        from bench.cli.output import stderr
         from bench.harness.progress import RichProgress
 
         progress = RichProgress(stderr)
-        if config.n_examples is not None:
-            warn(f"evaluating a subset of {config.n_examples} examples: numbers are not comparable with full runs")
     run_id = execute(config, store, progress)
     summary = run_summary(store, run_id)
+    if config.n_examples is not None:
+        from bench.cli.output import warn
+
+        warn(f"evaluated a seeded subset of {summary['n_examples']} examples: compare only with runs on the same subset")
     if as_json:
         from bench.cli.output import print_json
 

@@ -11,6 +11,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,11 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _first_sentence(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text.split(". ")[0].rstrip(".")[:300]
+
+
 def save_checkpoint(path: Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write ``{"format", "state_dict", "meta"}`` atomically to ``path``."""
     import torch
@@ -67,17 +73,18 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     if not os.path.isfile(name):
         raise CheckpointError(f"checkpoint file not found: {name}")
     try:
-        obj = torch.load(name, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on pickle protocols: the error says enough
+            obj = torch.load(name, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_sentence(exc)
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(f"refusing to load {name}: it contains Python objects other than tensors "
                                   f"and plain containers, which weights_only=True rejects ({first})") from None
         raise CheckpointError(f"{name} is not a PyTorch checkpoint ({first})") from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError, IndexError,
             KeyError, TypeError, UnicodeDecodeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint ({_first_sentence(exc)})") from None
     meta: dict[str, Any] = {}
     state: Any = obj
     if isinstance(obj, dict):

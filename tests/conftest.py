@@ -1,0 +1,36 @@
+"""Shared fixtures: every test runs in its own working directory (so the default
+``sqlite:///bench.db`` is per test) with one session-wide model cache (BENCH_HOME), so a model
+trained by one test is reused by the next instead of being retrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bench_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("bench_home")
+    old = {k: os.environ.get(k) for k in ("BENCH_HOME", "BENCH_DB", "BENCH_DATA")}
+    os.environ["BENCH_HOME"] = str(home)
+    os.environ.pop("BENCH_DB", None)
+    os.environ.pop("BENCH_DATA", None)
+    yield home
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'results.db'}"
