@@ -21,6 +21,21 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        import bench
+
+        typer.echo(f"bench {bench.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Robustness benchmarking harness and leaderboard for image classifiers."""
+
+
 def user_errors(fn: F) -> F:
     """Turn :class:`BenchError` into one line on stderr and exit status 2 (no traceback)."""
 
@@ -41,8 +56,6 @@ def user_errors(fn: F) -> F:
 
 
 def main() -> None:
-    from bench.cli import commands  # noqa: F401 - registers the commands
-
     app()
 
 
