@@ -57,14 +57,16 @@ def parse_eps(text: str | float | int) -> float:
     """Parse an eps given as a number or a fraction (``"8/255"``); must be finite and >= 0."""
     if isinstance(text, bool):
         raise BenchError(f"invalid eps {text!r}: not a number")
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        raw = str(text).strip()
-        try:
+    raw = str(text).strip()
+    try:
+        if isinstance(text, (int, float)):
+            value = float(text)
+        else:
             value = float(Fraction(raw)) if "/" in raw else float(raw)
-        except (ValueError, ZeroDivisionError):
-            raise BenchError(f"invalid eps '{raw}': not a number (examples: 0.1, 8/255)") from None
+    except (ValueError, ZeroDivisionError):
+        raise BenchError(f"invalid eps '{raw}': not a number (examples: 0.1, 8/255)") from None
+    except OverflowError:
+        raise BenchError(f"invalid eps '{raw[:40]}': too large") from None
     if not math.isfinite(value):
         raise BenchError(f"invalid eps '{text}': must be finite")
     if value < 0:
@@ -167,6 +169,8 @@ class RunConfig:
     checkpoint: str | None = None
     data_dir: str | None = None
     image_size: int | None = None
+    split: str = "test"
+    download: bool = False
     hparams: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def validate(self) -> RunConfig:

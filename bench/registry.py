@@ -142,17 +142,21 @@ class Registry(Generic[T]):
                         f"({self._describe(existing)}); pick another name"
                     )
                 self._entries[key] = target
-                # the object learns its registry name (used in messages and stored rows)
-                if isinstance(target, type) and "name" not in target.__dict__:
-                    try:
-                        target.name = key  # type: ignore[attr-defined]
-                    except (AttributeError, TypeError):
-                        pass
+                self._name(key, target)
             return target
 
         if obj is not None:
             return add(obj)
         return add
+
+    @staticmethod
+    def _name(key: str, obj: Any) -> None:
+        """The object learns its registry name (used in messages, stored rows and cache keys)."""
+        if isinstance(obj, type) and not obj.__dict__.get("name"):
+            try:
+                obj.name = key  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                pass
 
     def add_lazy(self, name: str, target: str, summary: str = "") -> None:
         """Register ``"module:attr"`` to be imported on first lookup."""
@@ -222,6 +226,7 @@ class Registry(Generic[T]):
                         raise ImportError(f"{self.kind} '{key}': importing {target} did not register it")
                     self._check_base(key, loaded)
                     self._entries[key] = loaded
+                    self._name(key, loaded)
                 entry = self._entries[key]
             return entry  # type: ignore[no-any-return]
 
@@ -285,6 +290,13 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
     DATASETS: {
         "digits": ("bench.data.digits:Digits", "scikit-learn's 8x8 handwritten digits (embedded default)"),
         "synthetic": ("bench.data.synthetic:Synthetic", "tiny generated dataset for tests"),
+        "cifar10": ("bench.data.cifar:Cifar10", "CIFAR-10 (official pickles or class folders)"),
+        "cifar100": ("bench.data.cifar:Cifar100", "CIFAR-100 (official pickles or class folders)"),
+        "imagenet": ("bench.data.imagenet:ImageNet", "ImageNet-1k val, seeded 5,000-image subset"),
+        "medmnist": ("bench.data.medmnist:MedMNIST", "any MedMNIST v2 .npz (task inferred)"),
+        "ham10000": ("bench.data.ham10000:HAM10000", "HAM10000 dermoscopy, 7 classes, lesion-grouped splits"),
+        "nih-chestxray": ("bench.data.nih:NIHChestXray", "NIH ChestX-ray14, binary: No Finding vs finding"),
+        "nih-chestxray14": ("bench.data.nih:NIHChestXray14", "NIH ChestX-ray14, 14 findings (multilabel)"),
     },
 }
 

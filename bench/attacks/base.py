@@ -51,6 +51,7 @@ class PassCounter(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.task = getattr(model, "task", "multiclass")
         self.forward_passes = 0
         self.backward_passes = 0
 
@@ -66,16 +67,20 @@ class PassCounter(nn.Module):
         self.backward_passes += n
 
 
-def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless x is float (N,C,H,W) in [0,1] and y holds N integer labels."""
+def check_inputs(x: torch.Tensor, y: torch.Tensor, task: str = "multiclass") -> None:
+    """Raise ``ValueError`` unless x is float (N,C,H,W) in [0,1] and y holds N integer labels
+    (N class indices, or an (N, L) 0/1 matrix for a multilabel model)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError("attack inputs must be a floating-point tensor")
     if x.ndim != 4:
         raise ValueError(f"attack inputs must have shape (N, C, H, W), got {tuple(x.shape)}")
-    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or y.ndim != 1:
-        raise ValueError("labels must be a 1-D integer tensor")
+    label_dims = 2 if task == "multilabel" else 1
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or y.ndim != label_dims:
+        raise ValueError(f"labels must be a {label_dims}-D integer tensor for a {task} model")
     if len(y) != len(x):
         raise ValueError(f"got {len(x)} images but {len(y)} labels")
+    if len(x) and bool(torch.isnan(x).any()):
+        raise ValueError("attack inputs contain NaN")
     if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
         raise ValueError("attack inputs must lie in [0, 1]; normalization belongs inside the model")
 
@@ -128,13 +133,18 @@ class Attack:
         raise NotImplementedError
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> AttackResult:
-        check_inputs(x, y)
+        from bench import tasks
+
+        task = tasks.task_of(model)
+        check_inputs(x, y, task)
         if threat.norm not in self.info.norms:
             supported = ", ".join(n.value for n in self.info.norms)
             raise BenchError(f"attack '{self.name}' does not support the {threat.norm.value} norm (supports {supported})")
+        y = y.long()  # torchattacks' losses need int64 labels
         counter = PassCounter(model)
         was_training = model.training
         model.eval()
+        counter.eval()  # attack libraries restore the wrapper's mode: it must be eval, like the model
         try:
             if threat.eps == 0 or len(x) == 0:
                 raw = x
@@ -143,13 +153,13 @@ class Attack:
                     raw = self.run(counter, x.detach().clone(), y, threat)
             x_adv = project(x, raw, threat)
             with torch.no_grad():
-                predictions = counter(x_adv).argmax(dim=1)
+                predictions = tasks.predict(counter(x_adv), task)
         finally:
             model.train(was_training)
         return AttackResult(
             x_adv=x_adv,
             predictions=predictions,
-            success=predictions != y,
+            success=~tasks.correct(predictions, y, task),
             forward_passes=counter.forward_passes,
             backward_passes=counter.backward_passes,
         )

@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from bench.data.base import Split
 from bench.defenses.base import Recipe
@@ -47,14 +46,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.op
 
 
 def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device, seed: int = 0,
-        progress: Progress | None = None, perturb: Perturb | None = None, loss_fn: Loss = F.cross_entropy) -> TrainSummary:
+        progress: Progress | None = None, perturb: Perturb | None = None, loss_fn: Loss | None = None) -> TrainSummary:
     """Train ``model`` in place for ``recipe.epochs`` epochs of shuffled mini-batches.
 
-    ``perturb(model, x, y)``, when given, replaces each clean batch by a perturbed one (computed
+    The loss defaults to the model's task loss (cross-entropy, or summed binary cross-entropy
+    for multilabel models). ``perturb(model, x, y)``, when given, replaces each clean batch by a perturbed one (computed
     with the model in eval mode), which is how adversarial training plugs in. Shuffling and any
     randomness in ``perturb`` are seeded from ``seed``.
     """
+    from bench import tasks
+
     progress = progress or Progress()
+    task = tasks.task_of(model)
+    loss_fn = loss_fn or (lambda logits, y: tasks.loss(logits, y, task))
     torch.manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed)
     model.to(device)
@@ -73,6 +77,7 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
                 idx = order[begin:begin + recipe.batch_size]
                 x, y = images[idx].to(device), labels[idx].to(device)
                 if perturb is not None:
+                    model.eval()
                     x = perturb(model, x, y).detach()
                 model.train()
                 optimizer.zero_grad(set_to_none=True)
@@ -82,7 +87,7 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
                 optimizer.step()
                 steps += 1
                 total_loss += float(loss.detach()) * len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
+                correct += int(tasks.correct(tasks.predict(logits.detach(), task), y, task).sum())
             if scheduler is not None:
                 scheduler.step()
             record = {"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n}

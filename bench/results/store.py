@@ -175,9 +175,11 @@ class Store:
                                     eps=eps, sigma=sigma, params=params or {})
                 s.add(row)
                 s.commit()
-            elif (row.kind, row.method, row.norm, row.eps) != (kind, method, norm, eps):
-                raise StoreError(f"run {run_id}: stored evaluation {position} is {row.method} {row.norm} {row.eps}, "
-                                 f"expected {method} {norm} {eps}; refusing to resume a different protocol")
+            elif (row.kind, row.method, row.norm, row.eps, row.sigma, row.params or {}) != \
+                    (kind, method, norm, eps, sigma, params or {}):
+                raise StoreError(f"run {run_id}: stored evaluation {position} is {row.method} {row.norm} {row.eps} "
+                                 f"{row.params}, expected {method} {norm} {eps} {params}; refusing to resume a "
+                                 "different protocol")
             return row.id
 
     def done_indices(self, evaluation_id: int) -> set[int]:
