@@ -58,6 +58,9 @@ def run(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Load this checkpoint instead of training.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Dataset root [default: $BENCH_DATA/<dataset>].")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Resize images to this side length.")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate, e.g. test, val, isic2018-test.")] = "test",
+    download: Annotated[bool, typer.Option("--download", help="Let datasets that support it (CIFAR) download "
+                                           "their files (needs internet).")] = False,
     hparam: Annotated[Optional[list[str]], typer.Option("--hparam", help="Defense hyperparameter key=value (repeatable).")] = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
@@ -73,7 +76,8 @@ def run(
         eps=tuple(parse_eps(e) for e in (eps or ())), steps=steps, restarts=restarts, n_examples=n_examples,
         seed=seed, batch_size=batch_size, device=device, recipe=recipe, epochs=epochs,
         checkpoint=str(checkpoint) if checkpoint is not None else None,
-        data_dir=str(data_dir) if data_dir is not None else None, image_size=image_size,
+        data_dir=str(data_dir) if data_dir is not None else None, image_size=image_size, split=split,
+        download=download,
         hparams=_parse_hparams(hparam or []),
     )
     store = _store(db)

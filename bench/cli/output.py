@@ -36,17 +36,35 @@ def _pct(value: float | None) -> str:
 def summary_table(summary: dict[str, Any]) -> Table:
     title = (f"run {summary['run_id']} · {summary['defense']} on {summary['dataset']} · protocol "
              f"{summary['protocol']} · n={summary['n_examples']}")
+    balanced = bool(summary.get("imbalanced")) and summary.get("task") != "multilabel"
+    multilabel = summary.get("task") == "multilabel"
     table = Table(title=title)
     table.add_column("Evaluation")
     table.add_column("Threat model")
     table.add_column("Accuracy", justify="right")
-    table.add_row("clean", "-", _pct(summary["clean_accuracy"]))
+    if balanced:
+        table.add_column("Balanced acc.", justify="right")
+    if multilabel:
+        table.add_column("Macro AUROC", justify="right")
+
+    def extra(entry: dict[str, Any], ba_key: str = "balanced_accuracy") -> list[str]:
+        cells = [_pct(entry.get(ba_key))] if balanced else []
+        if multilabel:
+            cells.append(_pct((entry.get("auroc") or {}).get("macro")))
+        return cells
+
+    table.add_row("clean", "-", _pct(summary["clean_accuracy"]), *extra(summary))
     for attack in summary["attacks"]:
-        table.add_row(attack["name"], f"{attack['norm']} eps={format_eps(attack['eps'])}", _pct(attack["accuracy"]))
+        table.add_row(attack["name"], f"{attack['norm']} eps={format_eps(attack['eps'])}", _pct(attack["accuracy"]),
+                      *extra(attack))
     if summary["robust_accuracy"] is not None:
-        table.add_row("[bold]robust (worst case)[/bold]", "all of the above", f"[bold]{_pct(summary['robust_accuracy'])}[/bold]")
+        cells = [_pct(summary.get("robust_balanced_accuracy"))] if balanced else []
+        cells += ["-"] if multilabel else []
+        table.add_row("[bold]robust (worst case)[/bold]", "all of the above",
+                      f"[bold]{_pct(summary['robust_accuracy'])}[/bold]", *cells)
     for cert in summary.get("certified", []):
-        table.add_row(f"certified ({cert['certifier']})", f"radius {cert['radius']:g}", _pct(cert["accuracy"]))
+        table.add_row(f"certified ({cert['certifier']})", f"radius {cert['radius']:g}", _pct(cert["accuracy"]),
+                      *(["-"] * (int(balanced) + int(multilabel))))
     return table
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from bench.config import ThreatModel
-from bench.errors import BenchError
+from bench.errors import BenchError, DatasetNotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,9 @@ class DatasetSpec:
     splits: tuple[str, ...] = ("train", "test")
     description: str = ""
     citation: str = ""
+    obtain: str = ""  # where the official files are published (shown when they are missing)
+    imbalanced: bool = False  # show balanced accuracy beside accuracy
+    eval_subset: int | None = None  # default number of evaluated examples (seeded subset), None = all
 
     def __post_init__(self) -> None:
         assert self.task in TASKS, self.task
@@ -69,6 +72,9 @@ class DatasetSpec:
             "image_size": self.image_size,
             "threat_models": [t.to_dict() for t in self.threat_models],
             "radii": list(self.radii),
+            "splits": list(self.splits),
+            "imbalanced": self.imbalanced,
+            "eval_subset": self.eval_subset,
         }
 
 
@@ -97,9 +103,13 @@ class Split:
         return len(self.labels)
 
     def subset(self, positions: torch.Tensor) -> Split:
+        """The examples at ``positions``; per-example lists in ``meta`` are subset alongside."""
         assert self.indices is not None
+        chosen = positions.tolist()
+        meta = {k: [v[i] for i in chosen] if isinstance(v, list) and len(v) == len(self) else v
+                for k, v in self.meta.items()}
         return Split(self.dataset, self.name, self.images[positions], self.labels[positions],
-                     self.indices[positions], dict(self.meta))
+                     self.indices[positions], meta)
 
 
 def indices_hash(indices: Any) -> str:
@@ -121,20 +131,66 @@ class Dataset:
         base = os.environ.get("BENCH_DATA")
         return Path(base) / self.spec.name if base else None
 
-    def load(self, split: str, root: str | os.PathLike[str] | None = None, image_size: int | None = None) -> Split:
-        """Load ``split`` as float images in [0, 1], resized to ``image_size`` (default: the spec's)."""
-        if split not in self.spec.splits:
-            raise BenchError(f"dataset '{self.spec.name}' has no split '{split}'; splits: {', '.join(self.spec.splits)}")
-        size = image_size or self.spec.image_size
-        resolved_root = Path(root) if root is not None else self.default_root()
-        data = self._load(split, resolved_root, size)
-        if tuple(data.images.shape[1:]) != self.spec.shape(size):
+    def resolve_spec(self, root: str | os.PathLike[str] | None = None) -> DatasetSpec:
+        """The spec for the files at ``root``; fixed for most datasets (MedMNIST reads its file)."""
+        return self.spec
+
+    def load(self, split: str, root: str | os.PathLike[str] | None = None, image_size: int | None = None, *,
+             download: bool = False, progress: Any = None) -> Split:
+        """Load ``split`` as float images in [0, 1], resized to ``image_size`` (default: the spec's).
+
+        ``download`` lets datasets that support it fetch their files (only when the user asks).
+        """
+        resolved_root = Path(root).expanduser() if root is not None else self.default_root()
+        spec = self.resolve_spec(resolved_root)
+        if split not in spec.splits:
+            raise BenchError(f"dataset '{spec.name}' has no split '{split}'; splits: {', '.join(spec.splits)}")
+        if image_size is not None and image_size < 1:
+            raise BenchError(f"invalid image size {image_size}: must be a positive number of pixels")
+        size = image_size or spec.image_size
+        data = self._load(split, resolved_root, size, download=download, progress=progress)
+        from_uint8 = data.images.dtype == _uint8()
+        if from_uint8:  # uint8 / 255 lies in [0, 1] by construction: no range check needed
+            data = Split(data.dataset, data.name, data.images.float().div_(255.0), data.labels, data.indices, data.meta)
+        if tuple(data.images.shape[1:]) != spec.shape(size):
             data = Split(data.dataset, data.name, _resize(data.images, size), data.labels, data.indices, data.meta)
-        _check_range(data)
+        if len(data) == 0:
+            raise BenchError(f"dataset '{spec.name}': split '{split}' is empty under {resolved_root}"
+                             + (f"; {spec.obtain}" if spec.obtain else ""))
+        if not from_uint8:
+            _check_range(data)
         return data
 
-    def _load(self, split: str, root: Path | None, image_size: int) -> Split:
+    def _load(self, split: str, root: Path | None, image_size: int, *, download: bool = False,
+              progress: Any = None) -> Split:
         raise NotImplementedError
+
+    def require_root(self, root: Path | None, expected: str) -> Path:
+        """``root`` if it exists, else a one-line error naming the expected files and their source."""
+        spec = self.spec
+        where = f"--data-dir or $BENCH_DATA/{spec.name}"
+        if root is None:
+            raise DatasetNotFoundError(f"dataset '{spec.name}' needs its files: pass {where} pointing at {expected}"
+                                       + (f"; {spec.obtain}" if spec.obtain else ""))
+        if not root.exists():
+            raise DatasetNotFoundError(f"dataset '{spec.name}': {root} does not exist; expected {expected}"
+                                       + (f"; {spec.obtain}" if spec.obtain else ""))
+        return root
+
+    def invalid(self, path: Path, problem: str) -> BenchError:
+        spec = self.spec
+        return BenchError(f"dataset '{spec.name}': {path}: {problem}" + (f"; {spec.obtain}" if spec.obtain else ""))
+
+    def missing(self, root: Path, what: str) -> DatasetNotFoundError:
+        spec = self.spec
+        return DatasetNotFoundError(f"dataset '{spec.name}': {what} not found under {root}"
+                                    + (f"; {spec.obtain}" if spec.obtain else ""))
+
+
+def _uint8() -> Any:
+    import torch
+
+    return torch.uint8
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -147,6 +203,8 @@ def _check_range(data: Split) -> None:
     images = data.images
     if not images.is_floating_point():
         raise ValueError(f"{data.dataset}/{data.name}: images must be float, got {images.dtype}")
+    if bool(images.isnan().any()):
+        raise ValueError(f"{data.dataset}/{data.name}: images contain NaN")
     lo, hi = float(images.min()), float(images.max())
     if lo < 0 or hi > 1:
         raise ValueError(f"{data.dataset}/{data.name}: pixel values must lie in [0, 1], got [{lo}, {hi}]")

@@ -9,6 +9,7 @@ scaled to [0, 1]. The train/test split is stratified by class and fixed by seed 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bench.config import Norm, ThreatModel
 from bench.data.base import Dataset, DatasetSpec, Split
@@ -37,7 +38,8 @@ class Digits(Dataset):
         citation="Alpaydin & Kaynak, UCI Optical Recognition of Handwritten Digits, 1998",
     )
 
-    def _load(self, split: str, root: Path | None, image_size: int) -> Split:
+    def _load(self, split: str, root: Path | None, image_size: int, *, download: bool = False,
+              progress: Any = None) -> Split:
         import numpy as np
         import torch
         from sklearn.datasets import load_digits

@@ -7,6 +7,7 @@ prototype plus Gaussian noise, clipped to [0, 1]. Train 256 images, test 64.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bench.config import Norm, ThreatModel
 from bench.data.base import Dataset, DatasetSpec, Split
@@ -33,7 +34,8 @@ class Synthetic(Dataset):
         description="4 classes of noisy random 8x8 prototypes; 256 train / 64 test",
     )
 
-    def _load(self, split: str, root: Path | None, image_size: int) -> Split:
+    def _load(self, split: str, root: Path | None, image_size: int, *, download: bool = False,
+              progress: Any = None) -> Split:
         import torch
 
         g = torch.Generator().manual_seed(1234)

@@ -50,7 +50,11 @@ class Recipe:
     """A training recipe. ``adv_*`` fields configure adversarial training (off when adv_steps=0).
 
     ``adv_eps`` None means "the dataset's default eps for ``adv_norm``"; ``adv_step_size``
-    None means 2.5 * eps / steps.
+    None means 2.5 * eps / steps. ``class_weights="auto"`` weights the loss by inverse class
+    frequency (positive/negative ratio per label for multilabel) on datasets flagged imbalanced,
+    so that a model cannot win by predicting the majority class. ``max_examples`` caps the number of epochs so that at most
+    about that many training examples are seen (CPU presets use it so large datasets finish in
+    minutes); :meth:`epochs_for` applies it.
     """
 
     epochs: int
@@ -66,6 +70,8 @@ class Recipe:
     adv_norm: str = "Linf"
     adv_eps: float | None = None
     adv_step_size: float | None = None
+    max_examples: int | None = None  # budget of training examples seen; caps epochs on large datasets
+    class_weights: str = "auto"  # auto (balanced on imbalanced datasets) | balanced | none
     extra: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -75,6 +81,17 @@ class Recipe:
             raise BenchError(f"recipe: unknown optimizer '{self.optimizer}'")
         if self.schedule not in ("none", "multistep", "cosine"):
             raise BenchError(f"recipe: unknown schedule '{self.schedule}'")
+        if self.class_weights not in ("auto", "balanced", "none"):
+            raise BenchError(f"recipe: unknown class_weights '{self.class_weights}'")
+
+    def balances(self, spec: DatasetSpec) -> bool:
+        """Whether the loss weights classes by inverse frequency on ``spec``'s data."""
+        return self.class_weights == "balanced" or (self.class_weights == "auto" and spec.imbalanced)
+
+    def epochs_for(self, n_train: int) -> int:
+        if self.max_examples is None or n_train <= 0:
+            return self.epochs
+        return max(1, min(self.epochs, -(-self.max_examples // n_train)))
 
     def with_overrides(self, **overrides: Any) -> Recipe:
         given = {k: v for k, v in overrides.items() if v is not None}  # "not set" never overrides
@@ -95,7 +112,7 @@ class Defense:
     recipes: ClassVar[dict[str, Recipe]] = {}
     hparams: ClassVar[dict[str, Any]] = {"arch": "auto"}
 
-    def resolve_hparams(self, given: dict[str, Any], image_size: int) -> dict[str, Any]:
+    def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
         """Defaults filled in and ``arch="auto"`` resolved, so stored rows name the real architecture."""
         unknown = sorted(set(given) - set(self.hparams))
         if unknown:
@@ -107,7 +124,7 @@ class Defense:
         if "arch" in resolved:
             from bench.models.names import resolve_arch
 
-            resolved["arch"] = resolve_arch(str(resolved["arch"]), image_size)
+            resolved["arch"] = resolve_arch(str(resolved["arch"]), image_size, recipe)
         return resolved
 
     def recipe(self, preset: str) -> Recipe:
@@ -121,14 +138,15 @@ class Defense:
         from bench.models.defended import DefendedModel
 
         net = build_backbone(hparams.get("arch", "auto"), spec.channels, spec.num_classes, image_size)
-        return DefendedModel(net, spec.mean, spec.std, spec.shape(image_size), spec.num_classes)
+        return DefendedModel(net, spec.mean, spec.std, spec.shape(image_size), spec.num_classes, spec.task)
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
             device: torch.device, seed: int = 0, progress: Any = None) -> TrainSummary:
         """Train ``model`` in place with the shared loop; subclasses add a perturbation."""
         from bench.harness.training import fit
 
-        return fit(model, train, recipe, device=device, seed=seed, progress=progress)
+        return fit(model, train, recipe, device=device, seed=seed, progress=progress,
+                   balance_classes=recipe.balances(spec))
 
     def load_state_dict(self, model: DefendedModel, state: dict[str, Any]) -> None:
         """Load a state dict into ``model``; override to adapt an official checkpoint layout."""

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 _PAPER = Recipe(epochs=200, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                 schedule="multistep", milestones=(100, 150), gamma=0.1)
 _CPU = Recipe(epochs=20, batch_size=64, optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
-              schedule="cosine")
+              schedule="cosine", max_examples=30_000)
 
 
 @register_defense("standard")
@@ -61,7 +61,8 @@ class PGDAT(Defense):
         def perturb(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return attack(m, x, y, threat).x_adv
 
-        return fit(model, train, recipe, device=device, seed=seed, progress=progress, perturb=perturb)
+        return fit(model, train, recipe, device=device, seed=seed, progress=progress, perturb=perturb,
+                   balance_classes=recipe.balances(spec))
 
 
 def training_threat(recipe: Recipe, spec: DatasetSpec) -> ThreatModel:

@@ -16,18 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import CheckpointError
+from bench.paths import cache_subdir
 
 FORMAT = "bench-checkpoint-1"
 
 
-def bench_home() -> Path:
-    return Path(os.environ.get("BENCH_HOME") or Path.home() / ".cache" / "bench")
-
-
 def checkpoint_dir() -> Path:
-    path = bench_home() / "checkpoints"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_subdir("checkpoints")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,8 @@ def check_logits(model: nn.Module, x: torch.Tensor) -> list[CheckResult]:
     with torch.no_grad():
         out = model(x)
     finite = bool(torch.isfinite(out).all())
-    probs = bool(finite and out.min() >= 0 and out.max() <= 1 and torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-4))
+    probs = bool(finite and out.shape[1] > 1 and out.min() >= 0 and out.max() <= 1
+                 and torch.allclose(out.sum(1), torch.ones(len(out), device=out.device), atol=1e-4))
     return [
         CheckResult("finite_output", not finite, "outputs are finite" if finite else "outputs contain NaN or inf"),
         CheckResult("softmax_output", probs, "outputs look like probabilities (in [0,1], rows sum to 1): attacks "
@@ -58,10 +58,12 @@ def check_logits(model: nn.Module, x: torch.Tensor) -> list[CheckResult]:
 
 
 def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> CheckResult:
-    """Count examples whose cross-entropy input gradient is exactly zero (gradient masking or saturation)."""
+    """Count examples whose task-loss input gradient is exactly zero (gradient masking or saturation)."""
+    from bench import tasks
+
     x = x.clone().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y, reduction="sum")
+        loss = tasks.loss(model(x), y, tasks.task_of(model), reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
     zero = int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
     detail = (f"{zero} of {len(x)} examples have an exactly zero input gradient (saturated softmax or masked "

@@ -93,8 +93,9 @@ def resolve_protocol(config: RunConfig, spec: DatasetSpec) -> Protocol:
     custom = bool(config.attacks or config.eps or config.norm or config.steps is not None
                   or config.restarts is not None)
     protocol = _custom(config, spec) if custom else _named(config.protocol or DEFAULT_PROTOCOL, spec)
-    if config.n_examples is not None:
+    n_examples = config.n_examples if config.n_examples is not None else spec.eval_subset
+    if n_examples is not None:
         from dataclasses import replace
 
-        protocol = replace(protocol, n_examples=config.n_examples)
+        protocol = replace(protocol, n_examples=n_examples)
     return protocol

@@ -21,6 +21,7 @@ from bench.defenses.base import Defense, Recipe
 from bench.harness.device import device_kind, resolve_device
 from bench.harness.progress import Progress
 from bench.harness.protocol import Protocol, resolve_protocol
+from bench.errors import BenchError
 from bench.registry import DATASETS, DEFENSES
 from bench.results.schema import EvalKind, RunStatus
 from bench.results.store import Store
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["ResolvedRun", "execute", "resolve"]
 
 # Bump when a change to the training code makes cached checkpoints stale.
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ResolvedRun:
 
     config: RunConfig
     defense: Defense
+    dataset: Dataset
     spec: DatasetSpec
     protocol: Protocol
     device: str
@@ -58,6 +60,9 @@ class ResolvedRun:
         return {
             "defense": self.defense.name,
             "dataset": self.spec.name,
+            "dataset_entry": self.config.dataset,
+            "dataset_spec": self.spec.to_dict(),
+            "split": self.config.split,
             "protocol": self.protocol.to_dict(),
             "hparams": self.hparams,
             "image_size": self.image_size,
@@ -80,13 +85,15 @@ def resolve(config: RunConfig) -> ResolvedRun:
 
     config.validate()
     defense: Defense = DEFENSES.get(config.defense)()
-    spec: DatasetSpec = DATASETS.get(config.dataset).spec
+    dataset: Dataset = DATASETS.get(config.dataset)()
+    root = config.data_dir or dataset.default_root()
+    data_root = str(Path(root).expanduser().resolve()) if root else None
+    spec: DatasetSpec = dataset.resolve_spec(data_root)
+    if config.split not in spec.splits:
+        raise BenchError(f"dataset '{spec.name}' has no split '{config.split}'; splits: {', '.join(spec.splits)}")
     protocol = resolve_protocol(config, spec)
     device = resolve_device(config.device)
     image_size = config.image_size or spec.image_size
-    hparams = defense.resolve_hparams(dict(config.hparams), image_size)
-    root = config.data_dir or (os.path.join(os.environ["BENCH_DATA"], spec.name) if os.environ.get("BENCH_DATA") else None)
-    data_root = str(Path(root).resolve()) if root else None
     recipe_name: str | None = None
     recipe: Recipe | None = None
     checkpoint_sha = None
@@ -95,7 +102,8 @@ def resolve(config: RunConfig) -> ResolvedRun:
     else:
         recipe_name = config.recipe if config.recipe != "auto" else ("cpu" if device_kind(device) == "cpu" else "paper")
         recipe = defense.recipe(recipe_name).with_overrides(epochs=config.epochs)
-    partial = ResolvedRun(config, defense, spec, protocol, device, hparams, image_size, data_root, recipe_name,
+    hparams = defense.resolve_hparams(dict(config.hparams), image_size, recipe_name)
+    partial = ResolvedRun(config, defense, dataset, spec, protocol, device, hparams, image_size, data_root, recipe_name,
                           recipe, checkpoint_sha, key="")
     return ResolvedRun(**{**partial.__dict__, "key": stable_hash(partial.to_dict(), 32)})
 
@@ -115,11 +123,12 @@ def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: in
 
     from bench.harness import provenance
 
-    started = time.perf_counter()
-    dataset: Dataset = DATASETS.get(resolved.spec.name)()
-    test = select_examples(dataset.load("test", resolved.data_root, resolved.image_size), resolved.protocol,
-                           resolved.config.seed)
     from bench.data.base import indices_hash
+
+    started = time.perf_counter()
+    dataset = resolved.dataset
+    full = load_split(resolved, resolved.config.split, progress)
+    test = select_examples(full, resolved.protocol, resolved.config.seed)
 
     assert test.indices is not None
     idx_hash = indices_hash(test.indices.numpy())
@@ -159,6 +168,17 @@ def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: in
     return run_id
 
 
+def load_split(resolved: ResolvedRun, split: str, progress: Progress) -> Split:
+    """Load a split of the run's dataset, reporting files the metadata lists but the disk lacks."""
+    data = resolved.dataset.load(split, resolved.data_root, resolved.image_size, download=resolved.config.download,
+                                 progress=progress)
+    missing = int(data.meta.get("missing_files", 0))
+    if missing:
+        progress.log(f"{resolved.spec.name}/{split}: {missing} of {data.meta.get('expected_files')} listed images "
+                     f"have no file and were skipped ({len(data)} used)")
+    return data
+
+
 def select_examples(split: Split, protocol: Protocol, seed: int) -> Split:
     """The protocol's evaluation subset: all examples, or a seeded random subset in index order."""
     import torch
@@ -180,6 +200,7 @@ def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store,
     from bench.harness.checkpoints import checkpoint_dir, load_into, read_checkpoint, save_checkpoint, sha256_file
 
     defense, spec = resolved.defense, resolved.spec
+    torch.manual_seed(resolved.config.seed)  # initial weights are part of the seeded configuration
     model = defense.build(spec, resolved.image_size, **resolved.hparams)
     common = dict(defense=defense.name, dataset=spec.name, arch=str(resolved.hparams.get("arch")),
                   hparams=resolved.hparams)
@@ -195,7 +216,7 @@ def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store,
                                       train_summary=meta.get("train_summary"))
         return model.eval(), model_id, sha
     assert resolved.recipe is not None
-    train = dataset.load("train", resolved.data_root, resolved.image_size)
+    train = load_split(resolved, "train", progress)
     assert train.indices is not None
     key = stable_hash({"defense": defense.name, "dataset": spec.name, "hparams": resolved.hparams,
                        "image_size": resolved.image_size, "recipe": resolved.recipe.to_dict(),
@@ -212,11 +233,12 @@ def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store,
             progress.log(f"using cached model {path}")
         except Exception as exc:  # noqa: BLE001 - a broken cache entry is retrained, never trusted
             progress.log(f"cached model {path} is unusable ({exc}); retraining")
+            torch.manual_seed(resolved.config.seed)
             model = defense.build(spec, resolved.image_size, **resolved.hparams)
             summary = None
     if summary is None:
         progress.log(f"training {defense.name} on {spec.name} ({resolved.recipe_name} recipe, "
-                     f"{resolved.recipe.epochs} epochs, {resolved.device})")
+                     f"{resolved.recipe.epochs_for(len(train))} epochs, {resolved.device})")
         result = defense.fit(model, train, resolved.recipe, spec=spec, device=torch.device(resolved.device),
                              seed=resolved.config.seed, progress=progress)
         summary = result.to_dict()
@@ -257,6 +279,7 @@ class Evaluator:
         self.index = [int(i) for i in data.indices.tolist()]
         self.position_of = {ex: pos for pos, ex in enumerate(self.index)}
         self.images, self.labels = data.images, data.labels
+        self.task = str(getattr(model, "task", "multiclass"))
         self.forward_passes = 0
         self.backward_passes = 0
 
@@ -266,23 +289,42 @@ class Evaluator:
         pos = torch.tensor([self.position_of[e] for e in examples])
         return self.images[pos].to(self.device), self.labels[pos].to(self.device)
 
-    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Majority-vote prediction and number of correct draws over ``self.draws`` forward passes."""
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Predict ``self.draws`` times (fresh randomness each time for randomized models).
+
+        Returns the majority-vote prediction (per label for multilabel), the number of draws
+        that were correct (all labels, for multilabel) and, for multilabel, the mean sigmoid
+        score per label.
+        """
         import torch
 
+        from bench import tasks
+
         with torch.no_grad():
-            preds = torch.stack([self.model(x).argmax(dim=1) for _ in range(self.draws)])
+            logits = torch.stack([self.model(x) for _ in range(self.draws)])
         self.forward_passes += self.draws * len(x)
+        preds = torch.stack([tasks.predict(lg, self.task) for lg in logits])
+        correct_draws = torch.stack([tasks.correct(p, y, self.task) for p in preds]).sum(dim=0)
+        if self.task == "multilabel":
+            vote = (preds.float().mean(dim=0) > 0.5).long()
+            return vote, correct_draws, torch.sigmoid(logits).mean(dim=0)
         votes = torch.nn.functional.one_hot(preds, self.model.num_classes).sum(dim=0)
-        return votes.argmax(dim=1), (preds == y).sum(dim=0)
+        return votes.argmax(dim=1), correct_draws, None
 
     def _rows(self, examples: list[int], y: torch.Tensor, pred: torch.Tensor, correct_draws: torch.Tensor,
-              norms: torch.Tensor | None = None) -> list[dict[str, Any]]:
-        return [{"example_index": ex, "label": int(y[k]), "prediction": int(pred[k]),
-                 "correct": int(correct_draws[k]) == self.draws, "draws": self.draws,
-                 "correct_draws": int(correct_draws[k]),
-                 "perturbation_norm": float(norms[k]) if norms is not None else None}
-                for k, ex in enumerate(examples)]
+              scores: torch.Tensor | None, norms: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        rows = []
+        for k, ex in enumerate(examples):
+            row: dict[str, Any] = {"example_index": ex, "correct": int(correct_draws[k]) == self.draws,
+                                   "draws": self.draws, "correct_draws": int(correct_draws[k]),
+                                   "perturbation_norm": float(norms[k]) if norms is not None else None}
+            if scores is not None:
+                row.update(label=None, prediction=None,
+                           multilabel={"y": y[k].tolist(), "pred": pred[k].tolist(), "score": scores[k].tolist()})
+            else:
+                row.update(label=int(y[k]), prediction=int(pred[k]))
+            rows.append(row)
+        return rows
 
     def _correct(self, evaluation_id: int) -> set[int]:
         return {r.example_index for r in self.store.results([evaluation_id]) if r.correct}
@@ -300,14 +342,18 @@ class Evaluator:
                 if todo:
                     torch.manual_seed(_seed(self.seed, 0, number))
                     x, y = self._tensors(todo)
-                    pred, correct_draws = self.score(x, y)
-                    self.store.add_results(ev, self._rows(todo, y, pred, correct_draws), forward=self.draws * len(x))
+                    pred, correct_draws, scores = self.score(x, y)
+                    self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores),
+                                           forward=self.draws * len(x))
                 task.advance(len(examples))
         self.store.finish_evaluation(ev)
         return self._correct(ev)
 
     def attack(self, position: int, spec: AttackSpec, alive: set[int]) -> set[int]:
-        """Attack the still-robust examples ``alive``; returns those that survive."""
+        """Attack the still-robust examples ``alive``; returns those that survive.
+
+        Multilabel runs attack every example (per-label robust accuracy needs them all).
+        """
         import torch
 
         from bench.attacks.base import perturbation_norm
@@ -317,7 +363,7 @@ class Evaluator:
         ev = self.store.evaluation(self.run_id, position, EvalKind.ATTACK, spec.attack, norm=spec.threat.norm.value,
                                    eps=spec.threat.eps, params=spec.kwargs)
         done = self.store.done_indices(ev)
-        targets = [e for e in self.index if e in alive]
+        targets = list(self.index) if self.task == "multilabel" else [e for e in self.index if e in alive]
         with self.progress.task(spec.label, total=len(targets)) as task:
             for number, examples in _batches(targets, self.batch_size):
                 todo = [e for e in examples if e not in done]
@@ -325,11 +371,11 @@ class Evaluator:
                     torch.manual_seed(_seed(self.seed, position, number))
                     x, y = self._tensors(todo)
                     result = attack(self.model, x, y, spec.threat)
-                    pred, correct_draws = self.score(result.x_adv, y)
+                    pred, correct_draws, scores = self.score(result.x_adv, y)
                     norms = perturbation_norm(x, result.x_adv, spec.threat.norm)
                     self.forward_passes += result.forward_passes
                     self.backward_passes += result.backward_passes
-                    self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, norms),
+                    self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores, norms),
                                            forward=result.forward_passes + self.draws * len(x),
                                            backward=result.backward_passes)
                 task.advance(len(examples))

@@ -37,20 +37,24 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
                            weight_decay=recipe.weight_decay, nesterov=False)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LRScheduler | None:
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                   epochs: int | None = None) -> torch.optim.lr_scheduler.LRScheduler | None:
+    epochs = epochs or recipe.epochs
     if recipe.schedule == "multistep" and recipe.milestones:
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(recipe.milestones), gamma=recipe.gamma)
     if recipe.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     return None
 
 
 def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device, seed: int = 0,
-        progress: Progress | None = None, perturb: Perturb | None = None, loss_fn: Loss | None = None) -> TrainSummary:
-    """Train ``model`` in place for ``recipe.epochs`` epochs of shuffled mini-batches.
+        progress: Progress | None = None, perturb: Perturb | None = None, loss_fn: Loss | None = None,
+        balance_classes: bool = False) -> TrainSummary:
+    """Train ``model`` in place for ``recipe.epochs_for(len(train))`` epochs of shuffled mini-batches.
 
     The loss defaults to the model's task loss (cross-entropy, or summed binary cross-entropy
-    for multilabel models). ``perturb(model, x, y)``, when given, replaces each clean batch by a perturbed one (computed
+    for multilabel models), weighted by inverse class frequency when ``balance_classes``.
+    ``perturb(model, x, y)``, when given, replaces each clean batch by a perturbed one (computed
     with the model in eval mode), which is how adversarial training plugs in. Shuffling and any
     randomness in ``perturb`` are seeded from ``seed``.
     """
@@ -58,19 +62,24 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
 
     progress = progress or Progress()
     task = tasks.task_of(model)
-    loss_fn = loss_fn or (lambda logits, y: tasks.loss(logits, y, task))
+    weight = None
+    if balance_classes:
+        weight = tasks.balancing_weights(train.labels, task, int(getattr(model, "num_classes", 0)) or
+                                         int(train.labels.max()) + 1).to(device)
+    loss_fn = loss_fn or (lambda logits, y: tasks.loss(logits, y, task, weight=weight))
     torch.manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed)
     model.to(device)
     optimizer = make_optimizer(model, recipe)
-    scheduler = make_scheduler(optimizer, recipe)
     images, labels = train.images, train.labels
     n = len(labels)
+    epochs = recipe.epochs_for(n)
+    scheduler = make_scheduler(optimizer, recipe, epochs)
     history: list[dict[str, float]] = []
     steps = 0
     start = time.perf_counter()
-    with progress.task(f"training ({n} images)", total=recipe.epochs) as task:
-        for epoch in range(recipe.epochs):
+    with progress.task(f"training ({n} images)", total=epochs) as bar:
+        for epoch in range(epochs):
             order = torch.randperm(n, generator=shuffle)
             total_loss, correct = 0.0, 0
             for begin in range(0, n, recipe.batch_size):
@@ -92,8 +101,8 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
                 scheduler.step()
             record = {"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n}
             history.append(record)
-            task.advance(1, loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
+            bar.advance(1, loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
     model.eval()
     last = history[-1]
-    return TrainSummary(epochs=recipe.epochs, steps=steps, seconds=time.perf_counter() - start,
+    return TrainSummary(epochs=epochs, steps=steps, seconds=time.perf_counter() - start,
                         final_loss=last["loss"], final_train_accuracy=last["train_accuracy"], history=history)

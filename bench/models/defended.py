@@ -22,6 +22,8 @@ class DefendedModel(nn.Module):
     * ``lipschitz_bound`` and ``lipschitz_guarantee``: a *guaranteed* L2 Lipschitz bound of the
       logit map and how it is guaranteed; ``None`` when there is none.
     * :meth:`bpda_surrogates`: differentiable stand-ins for non-differentiable components.
+    * ``task``: ``multiclass``/``binary`` (argmax of C logits) or ``multilabel`` (one logit per
+      label, positive when > 0); see :mod:`bench.tasks`.
     """
 
     randomized: bool = False
@@ -30,8 +32,9 @@ class DefendedModel(nn.Module):
     lipschitz_guarantee: str | None = None
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 input_shape: Sequence[int], num_classes: int) -> None:
+                 input_shape: Sequence[int], num_classes: int, task: str = "multiclass") -> None:
         super().__init__()
+        self.task = task  # multiclass | binary | multilabel (num_classes = number of labels)
         self.normalize = Normalize(mean, std)
         self.net = net
         self.input_shape = tuple(int(s) for s in input_shape)

@@ -1,5 +1,9 @@
 """Leaderboards: one row per (defense, model) for a dataset and protocol, and pure renderers.
 
+On datasets flagged ``imbalanced`` (HAM10000, NIH, MedMNIST) every accuracy column is followed
+by its balanced-accuracy twin "(BA)": the mean per-class recall, which a model that always
+predicts the majority class cannot inflate.
+
 :func:`build_board` queries the store; :func:`board_from_summaries` is the pure part that
 turns run summaries into a :class:`Board`. The renderers (Markdown, LaTeX, CSV, JSON) are pure
 functions of a board and render the same rows; accuracies are shown in percent with two
@@ -57,18 +61,27 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[s
     rows: list[dict[str, Any]] = []
     attack_cols: dict[str, str] = {}
     radius_cols: dict[str, str] = {}
+    imbalanced = False
     for summary in summaries:
+        balanced = bool(summary.get("imbalanced"))
+        imbalanced |= balanced
         row: dict[str, Any] = {
             "defense": summary["defense"],
             "model": _model_label(summary),
             "run_id": summary["run_id"],
             "clean": summary["clean_accuracy"],
         }
+        if balanced:
+            row["clean_ba"] = summary.get("balanced_accuracy")
         for attack in summary["attacks"]:
             key, label = _attack_key(attack)
             attack_cols.setdefault(key, label)
             row[key] = attack["accuracy"]
+            if balanced:
+                row[key + ":ba"] = attack.get("balanced_accuracy")
         row["robust"] = summary["robust_accuracy"]
+        if balanced:
+            row["robust_ba"] = summary.get("robust_balanced_accuracy")
         for cert in summary.get("certified", []):
             key = f"certified:{cert['certifier']}@{cert['radius']:g}"
             radius_cols.setdefault(key, f"{cert['certifier']} r={cert['radius']:g}")
@@ -77,10 +90,18 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[s
         rows.append(row)
     rows.sort(key=lambda r: (r.get("robust") is None, -(r.get("robust") or 0.0), -(r.get("clean") or 0.0),
                              r["defense"], r["run_id"]))
+    def with_ba(key: str, title: str) -> list[Column]:
+        """The accuracy column, followed by its balanced-accuracy twin on imbalanced datasets."""
+        cols = [Column(key, title, "accuracy")]
+        if imbalanced:
+            ba_key = {"clean": "clean_ba", "robust": "robust_ba"}.get(key, key + ":ba")
+            cols.append(Column(ba_key, f"{title} (BA)", "accuracy"))
+        return cols
+
     columns = (Column("defense", "Defense", "text"), Column("model", "Model", "text"),
-               Column("clean", "Clean", "accuracy"),
-               *(Column(k, t, "accuracy") for k, t in attack_cols.items()),
-               Column("robust", "Robust (worst case)", "accuracy"),
+               *with_ba("clean", "Clean"),
+               *(c for k, t in attack_cols.items() for c in with_ba(k, t)),
+               *with_ba("robust", "Robust (worst case)"),
                *(Column(k, t, "accuracy") for k, t in radius_cols.items()),
                Column("n", "N", "int"))
     return Board(dataset, protocol, columns, tuple(rows))

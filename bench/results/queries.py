@@ -8,7 +8,7 @@ from typing import Any
 from bench.errors import BenchError
 from bench.results.schema import RunRow, RunStatus
 from bench.results.store import Store, iso
-from bench.results.summary import Outcome, Stage, attack_table, certified_table
+from bench.results.summary import Outcome, Stage, attack_table, certified_table, labels_from
 
 __all__ = ["run_summary"]
 
@@ -18,7 +18,8 @@ def _stages_and_outcomes(store: Store, run_id: int) -> tuple[list[Stage], dict[i
     stages = [Stage(e.id, e.position, e.kind, e.method, e.norm, e.eps, e.finished, e.sigma) for e in evaluations]
     outcomes: dict[int, list[Outcome]] = defaultdict(list)
     for row in store.results([s.id for s in stages]):
-        outcomes[row.evaluation_id].append(Outcome(row.example_index, row.correct, row.radius, row.abstained))
+        outcomes[row.evaluation_id].append(Outcome(row.example_index, row.correct, row.radius, row.abstained,
+                                                   row.label, row.multilabel))
     return stages, outcomes
 
 
@@ -34,8 +35,11 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
     run = get_run_or_fail(store, run_id)
     stages, outcomes = _stages_and_outcomes(store, run_id)
     n = run.n_examples or 0
-    table = attack_table(stages, outcomes, n)
-    radii = (run.config or {}).get("radii") or []
+    config = run.config or {}
+    spec = config.get("dataset_spec") or {}
+    labels = labels_from(stages, outcomes, spec.get("task", "multiclass"), spec.get("classes", []))
+    table = attack_table(stages, outcomes, n, labels)
+    radii = config.get("radii") or []
     model = store.get_model(run.model_id) if run.model_id is not None else None
     return {
         "run_id": run.id,
@@ -50,6 +54,13 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
         "checks": [{"name": c.name, "triggered": c.triggered, "detail": c.detail} for c in store.checks(run_id)],
         "wall_time_s": run.wall_time_s,
         # additions beyond the stable core
+        "task": labels.task,
+        "imbalanced": bool(spec.get("imbalanced", False)),
+        "balanced_accuracy": table["balanced_accuracy"],
+        "per_class_recall": table["per_class_recall"],
+        "robust_balanced_accuracy": table["robust_balanced_accuracy"],
+        **({k: table[k] for k in ("per_label_accuracy", "auroc") if k in table}),
+        "split": config.get("split", "test"),
         "status": run.status.value,
         "complete": run.status is RunStatus.FINISHED,
         "threat_models": table["threat_models"],

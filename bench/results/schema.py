@@ -124,7 +124,7 @@ class ExampleResultRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
     example_index: Mapped[int] = mapped_column(Integer)
-    label: Mapped[int] = mapped_column(Integer)
+    label: Mapped[Optional[int]] = mapped_column(Integer)  # class index (None for multilabel)
     prediction: Mapped[Optional[int]] = mapped_column(Integer)
     correct: Mapped[bool] = mapped_column(Boolean)
     radius: Mapped[Optional[float]] = mapped_column(Float)
@@ -133,6 +133,8 @@ class ExampleResultRow(Base):
     draws: Mapped[int] = mapped_column(Integer, default=1)
     correct_draws: Mapped[Optional[int]] = mapped_column(Integer)
     perturbation_norm: Mapped[Optional[float]] = mapped_column(Float)
+    # multilabel tasks: {"y": [0/1 per label], "pred": [0/1 per label], "score": [mean sigmoid per label]}
+    multilabel: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
 
 
 class CheckRow(Base):

@@ -175,8 +175,9 @@ class Store:
                                     eps=eps, sigma=sigma, params=params or {})
                 s.add(row)
                 s.commit()
-            elif (row.kind, row.method, row.norm, row.eps, row.sigma, row.params or {}) != \
-                    (kind, method, norm, eps, sigma, params or {}):
+            elif (row.kind, row.method, row.norm, row.eps) != (kind, method, norm, eps) or \
+                    (sigma is not None and row.sigma != sigma) or \
+                    (params is not None and (row.params or {}) != params):
                 raise StoreError(f"run {run_id}: stored evaluation {position} is {row.method} {row.norm} {row.eps} "
                                  f"{row.params}, expected {method} {norm} {eps} {params}; refusing to resume a "
                                  "different protocol")

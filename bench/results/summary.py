@@ -8,7 +8,10 @@ Semantics (docs/protocols.md):
 * a threat model's robust accuracy is the per-example worst case over its attacks;
 * ``robust_accuracy`` is the per-example worst case over every attack of the run
   (robust under all threat models at once), or ``None`` when no attack ran;
-* certified accuracy at radius r: correct, not abstained, and radius >= r, over n.
+* certified accuracy at radius r: correct, not abstained, and radius >= r, over n;
+* medical metrics: balanced accuracy (mean per-class recall over the classes present) and
+  per-class recall for single-label tasks; for multilabel tasks, per-label accuracy (label
+  correct on the clean input and under every attack so far) and AUROC per label and macro.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Outcome:
     correct: bool
     radius: float | None = None
     abstained: bool = False
+    label: int | None = None
+    multilabel: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,34 +53,117 @@ def _fraction(count: int, n: int) -> float | None:
     return count / n if n else None
 
 
-def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int) -> dict[str, Any]:
-    """Clean accuracy, cumulative per-attack accuracy, per-threat and overall worst case."""
+@dataclass(frozen=True)
+class Labels:
+    """Ground truth of the evaluated examples, from the clean stage."""
+
+    task: str
+    classes: tuple[str, ...]
+    single: dict[int, int]  # example -> class (single-label tasks)
+    multi: dict[int, list[int]]  # example -> 0/1 per label (multilabel)
+
+
+def labels_from(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], task: str,
+                classes: Sequence[str]) -> Labels:
+    clean = [o for s in stages if s.kind is EvalKind.CLEAN for o in outcomes.get(s.id, [])]
+    single = {o.index: o.label for o in clean if o.label is not None}
+    multi = {o.index: list(o.multilabel["y"]) for o in clean if o.multilabel}
+    return Labels(task, tuple(classes), single, multi)
+
+
+def class_metrics(robust: set[int], labels: Labels) -> dict[str, Any]:
+    """Balanced accuracy and per-class recall of the examples in ``robust`` (single-label tasks)."""
+    if labels.task == "multilabel" or not labels.single:
+        return {}
+    recall: dict[str, float] = {}
+    for k, name in enumerate(labels.classes):
+        members = [i for i, c in labels.single.items() if c == k]
+        if members:
+            recall[name] = sum(1 for i in members if i in robust) / len(members)
+    return {"balanced_accuracy": sum(recall.values()) / len(recall) if recall else None,
+            "per_class_recall": recall}
+
+
+def label_metrics(per_label_ok: dict[int, list[bool]], scores: dict[int, list[float]], labels: Labels,
+                  n: int) -> dict[str, Any]:
+    """Per-label accuracy and AUROC (per label and macro over labels with both outcomes present)."""
+    if labels.task != "multilabel" or not labels.multi:
+        return {}
+    names = labels.classes
+    accuracy = {name: _fraction(sum(1 for ok in per_label_ok.values() if ok[k]), n) for k, name in enumerate(names)}
+    auroc: dict[str, float | None] = {}
+    for k, name in enumerate(names):
+        pairs = [(labels.multi[i][k], scores[i][k]) for i in scores if i in labels.multi]
+        auroc[name] = _auroc([p[0] for p in pairs], [p[1] for p in pairs])
+    defined = [v for v in auroc.values() if v is not None]
+    return {"per_label_accuracy": accuracy, "auroc": {"macro": sum(defined) / len(defined) if defined else None,
+                                                      "per_label": auroc}}
+
+
+def _auroc(y: list[int], score: list[float]) -> float | None:
+    if len(set(y)) < 2:
+        return None  # undefined when a label is all positive or all negative
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score))
+
+
+def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int,
+                 labels: Labels | None = None) -> dict[str, Any]:
+    """Clean accuracy, cumulative per-attack accuracy, per-threat and overall worst case, and the
+    medical metrics of each (when ``labels`` is given)."""
+    labels = labels or Labels("multiclass", (), {}, {})
     clean = [s for s in stages if s.kind is EvalKind.CLEAN]
-    clean_ok = {o.index for s in clean for o in outcomes.get(s.id, []) if o.correct}
+    clean_rows = [o for s in clean for o in outcomes.get(s.id, [])]
+    clean_ok = {o.index for o in clean_rows if o.correct}
+    clean_labels = {o.index: _label_ok(o) for o in clean_rows if o.multilabel}
+    clean_scores = {o.index: list(o.multilabel["score"]) for o in clean_rows if o.multilabel}
     attacks_out: list[dict[str, Any]] = []
     groups: dict[tuple[str | None, float | None], set[int]] = {}
+    group_labels: dict[tuple[str | None, float | None], dict[int, list[bool]]] = {}
     for stage in sorted((s for s in stages if s.kind is EvalKind.ATTACK), key=lambda s: s.position):
         key = (stage.norm, stage.eps)
-        alive = groups.get(key, clean_ok)
-        survived = {o.index for o in outcomes.get(stage.id, []) if o.correct}
-        alive = alive & survived
+        rows = outcomes.get(stage.id, [])
+        alive = groups.get(key, clean_ok) & {o.index for o in rows if o.correct}
         groups[key] = alive
-        attacks_out.append({"name": stage.method, "norm": stage.norm, "eps": stage.eps,
-                            "accuracy": _fraction(len(alive), n)})
-    threats = [{"norm": norm, "eps": eps, "robust_accuracy": _fraction(len(alive), n)}
-               for (norm, eps), alive in groups.items()]
+        entry: dict[str, Any] = {"name": stage.method, "norm": stage.norm, "eps": stage.eps,
+                                 "accuracy": _fraction(len(alive), n), **class_metrics(alive, labels)}
+        if labels.task == "multilabel":
+            per_label = dict(group_labels.get(key, clean_labels))
+            for o in rows:
+                if o.multilabel and o.index in per_label:
+                    per_label[o.index] = [a and b for a, b in zip(per_label[o.index], _label_ok(o))]
+            group_labels[key] = per_label
+            entry.update(label_metrics(per_label, {o.index: list(o.multilabel["score"]) for o in rows if o.multilabel},
+                                       labels, n))
+        attacks_out.append(entry)
+    threats = [{"norm": norm, "eps": eps, "robust_accuracy": _fraction(len(alive), n),
+                **class_metrics(alive, labels)} for (norm, eps), alive in groups.items()]
     robust: float | None = None
+    robust_set: set[int] = set()
     if groups:
         robust_set = set(clean_ok)
         for alive in groups.values():
             robust_set &= alive
         robust = _fraction(len(robust_set), n)
-    return {
+    clean_metrics = class_metrics(clean_ok, labels)
+    out = {
         "clean_accuracy": _fraction(len(clean_ok), n) if clean else None,
         "attacks": attacks_out,
         "threat_models": threats,
         "robust_accuracy": robust,
+        "balanced_accuracy": clean_metrics.get("balanced_accuracy"),
+        "per_class_recall": clean_metrics.get("per_class_recall"),
+        "robust_balanced_accuracy": class_metrics(robust_set, labels).get("balanced_accuracy") if groups else None,
     }
+    if labels.task == "multilabel":
+        out.update(label_metrics(clean_labels, clean_scores, labels, n))
+    return out
+
+
+def _label_ok(o: Outcome) -> list[bool]:
+    assert o.multilabel is not None
+    return [int(p) == int(t) for p, t in zip(o.multilabel["pred"], o.multilabel["y"])]
 
 
 def certified_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int,
