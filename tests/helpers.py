@@ -3,6 +3,8 @@ what you need with ``from helpers import ...``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -67,3 +69,15 @@ class ModeRecorder(nn.Module):
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
+
+
+def assert_cli_user_error(result: Any, *fragments: str) -> str:
+    """A CLI user error: exit status 2, one line on stderr starting "error: ", no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    err = result.stderr.strip()
+    assert err.startswith("error: "), err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in result.stdout + result.stderr
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from bench.cli import app
+from helpers import assert_cli_user_error
 from bench.results.schema import RunStatus
 from bench.results.store import Store
 
@@ -35,14 +36,7 @@ def run_json(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert err.startswith("error: "), err
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in result.stdout + result.stderr
-    for fragment in fragments:
-        assert fragment in err, err
+assert_user_error = assert_cli_user_error
 
 
 def test_help_and_list():

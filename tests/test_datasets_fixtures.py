@@ -893,16 +893,7 @@ def test_ham_cache_reused_and_invalidated(ham, _own_cache: Path) -> None:
 # ==================================================================================================
 cli = CliRunner()
 
-
-def assert_cli_user_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert err.startswith("error: "), err
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in result.stdout + result.stderr
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
+from helpers import assert_cli_user_error  # noqa: E402
 
 
 def test_cli_missing_data_dir(tmp_path: Path) -> None:

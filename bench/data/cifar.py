@@ -96,17 +96,21 @@ class _Cifar(Dataset):
                      meta={"layout": "image-folders", "files": [str(f.relative_to(root)) for f in files]})
 
 
+def _spec(name: str, classes: tuple[str, ...], mean: tuple[float, ...], std: tuple[float, ...]) -> DatasetSpec:
+    return DatasetSpec(name=name, task="multiclass", classes=classes, input_shape=(3, 32, 32), image_size=32,
+                       mean=mean, std=std, threat_models=_THREATS, radii=_RADII,
+                       description=f"60,000 32x32 images, {len(classes)} classes",
+                       citation="Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009",
+                       obtain=OBTAIN)
+
+
 @register_dataset("cifar10")
 class Cifar10(_Cifar):
     """CIFAR-10: 60,000 32x32 colour images in 10 classes."""
 
     folder = "cifar-10-batches-py"
     torchvision_class = "CIFAR10"
-    spec = DatasetSpec(name="cifar10", task="multiclass", classes=CIFAR10_CLASSES, input_shape=(3, 32, 32),
-                       image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
-                       threat_models=_THREATS, radii=_RADII, description="60,000 32x32 images, 10 classes",
-                       citation="Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009",
-                       obtain=OBTAIN)
+    spec = _spec("cifar10", CIFAR10_CLASSES, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 
 
 @register_dataset("cifar100")
@@ -115,8 +119,4 @@ class Cifar100(_Cifar):
 
     folder = "cifar-100-python"
     torchvision_class = "CIFAR100"
-    spec = DatasetSpec(name="cifar100", task="multiclass", classes=CIFAR100_CLASSES, input_shape=(3, 32, 32),
-                       image_size=32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                       threat_models=_THREATS, radii=_RADII, description="60,000 32x32 images, 100 classes",
-                       citation="Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009",
-                       obtain=OBTAIN)
+    spec = _spec("cifar100", CIFAR100_CLASSES, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))

@@ -28,15 +28,25 @@ class _NullTask:
 
 
 class RichProgress(Progress):
-    """Rich progress bars and log lines on stderr."""
+    """Rich progress bars and log lines on stderr.
 
-    def __init__(self, console: Any | None = None) -> None:
+    When stderr is not a terminal (a batch job's log file), bars cannot redraw, so a plain line
+    ``description: done/total`` is printed at most every ``interval`` seconds instead.
+    """
+
+    def __init__(self, console: Any | None = None, interval: float = 30.0) -> None:
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
+        self.interval = interval
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:
+        if not self.console.is_terminal:
+            line = _LineTask(self.console, description, total, self.interval)
+            yield line
+            line.finish()
+            return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RP, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
@@ -48,6 +58,37 @@ class RichProgress(Progress):
 
     def log(self, message: str) -> None:
         self.console.print(message, highlight=False)
+
+
+class _LineTask:
+    def __init__(self, console: Any, description: str, total: int | None, interval: float) -> None:
+        import time
+
+        self.console, self.description, self.total, self.interval = console, description, total, interval
+        self.done = 0
+        self.fields: dict[str, Any] = {}
+        self.started = self.last = time.monotonic()
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        import time
+
+        self.done += n
+        self.fields = fields
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._print(now)
+
+    def finish(self) -> None:
+        import time
+
+        self._print(time.monotonic())
+
+    def _print(self, now: float) -> None:
+        total = f"/{self.total}" if self.total is not None else ""
+        parts = [f"{self.description}: {self.done}{total}", *(f"{k}={v}" for k, v in self.fields.items()),
+                 f"({now - self.started:.0f} s)"]
+        self.console.print(" ".join(parts), highlight=False, markup=False)
 
 
 class _RichTask:
