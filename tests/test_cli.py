@@ -47,6 +47,9 @@ def test_help_and_list():
         assert name in result.stdout
     listed = json.loads(invoke("list", "defenses", "--json").stdout)
     assert {d["name"] for d in listed["defenses"]} >= {"standard", "pgd-at"}
+    protocols = json.loads(invoke("list", "protocols", "--json").stdout)
+    assert {"pgd@1", "clean@1"} <= {p["key"] for p in protocols}
+    assert all(p["description"] for p in protocols)
 
 
 def test_run_json_object_and_stored_rerun(db_url):

@@ -111,6 +111,7 @@ class ListWhat(str, Enum):
     attacks = "attacks"
     certifiers = "certifiers"
     datasets = "datasets"
+    protocols = "protocols"
     runs = "runs"
 
 
@@ -122,11 +123,14 @@ def list_(
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List registered defenses, attacks, certifiers, datasets, or stored runs."""
+    """List registered defenses, attacks, certifiers, datasets, protocols, or stored runs."""
     from bench.cli.output import print_json, stdout
 
     if what is ListWhat.runs:
         _list_runs(dataset, db, as_json)
+        return
+    if what is ListWhat.protocols:
+        _list_protocols(as_json)
         return
     from rich.table import Table
 
@@ -146,6 +150,24 @@ def list_(
         if not reg.names():
             table.add_row("(none yet)", "")
         stdout.print(table)
+
+
+def _list_protocols(as_json: bool) -> None:
+    from rich.table import Table
+
+    from bench.cli.output import print_json, stdout
+    from bench.harness.protocol import describe_protocols
+
+    protocols = describe_protocols()
+    if as_json:
+        print_json(protocols)
+        return
+    table = Table(title="protocols (use --protocol NAME or NAME@VERSION)")
+    table.add_column("protocol")
+    table.add_column("description")
+    for p in protocols:
+        table.add_row(p["key"], p["description"])
+    stdout.print(table)
 
 
 def _list_runs(dataset: str | None, db: str | None, as_json: bool) -> None:

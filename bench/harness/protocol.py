@@ -54,6 +54,16 @@ PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
 }
 
 
+def describe_protocols() -> list[dict[str, Any]]:
+    """Name, version and description of every named protocol (for ``bench list protocols``)."""
+    from bench.data.base import get_dataset
+
+    spec = get_dataset("synthetic").spec  # descriptions do not depend on the dataset
+    return [{"name": name, "version": version, "key": f"{name}@{version}",
+             "description": builder(spec).description}
+            for name, versions in sorted(PROTOCOLS.items()) for version, builder in sorted(versions.items())]
+
+
 def _named(name: str, spec: DatasetSpec) -> Protocol:
     base, _, version = name.partition("@")
     versions = PROTOCOLS.get(base.strip().lower())

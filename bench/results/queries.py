@@ -19,7 +19,8 @@ def _stages_and_outcomes(store: Store, run_id: int) -> tuple[list[Stage], dict[i
     outcomes: dict[int, list[Outcome]] = defaultdict(list)
     for row in store.results([s.id for s in stages]):
         outcomes[row.evaluation_id].append(Outcome(row.example_index, row.correct, row.radius, row.abstained,
-                                                   row.label, row.multilabel))
+                                                   row.label, row.multilabel, row.prediction, row.draws or 1,
+                                                   row.correct_draws))
     return stages, outcomes
 
 
@@ -54,6 +55,7 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
         "checks": [{"name": c.name, "triggered": c.triggered, "detail": c.detail} for c in store.checks(run_id)],
         "wall_time_s": run.wall_time_s,
         # additions beyond the stable core
+        "clean_draws": table["clean_draws"],
         "task": labels.task,
         "imbalanced": bool(spec.get("imbalanced", False)),
         "balanced_accuracy": table["balanced_accuracy"],

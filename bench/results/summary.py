@@ -9,6 +9,10 @@ Semantics (docs/protocols.md):
 * ``robust_accuracy`` is the per-example worst case over every attack of the run
   (robust under all threat models at once), or ``None`` when no attack ran;
 * certified accuracy at radius r: correct, not abstained, and radius >= r, over n;
+* randomized models are scored with R draws per example: ``worst_of_r`` (robust only if every
+  draw is correct; this is ``accuracy``), ``mean`` (average fraction of correct draws) and
+  ``majority`` (the majority vote is correct), each over the n examples, an example the stage
+  did not attack (already broken) counting as wrong;
 * medical metrics: balanced accuracy (mean per-class recall over the classes present) and
   per-class recall for single-label tasks; for multilabel tasks, per-label accuracy (label
   correct on the clean input and under every attack so far) and AUROC per label and macro.
@@ -33,6 +37,37 @@ class Outcome:
     abstained: bool = False
     label: int | None = None
     multilabel: dict[str, Any] | None = None
+    prediction: int | None = None
+    draws: int = 1
+    correct_draws: int | None = None
+
+    @property
+    def draw_fraction(self) -> float:
+        """Fraction of the R scoring draws that were correct."""
+        if self.correct_draws is None:
+            return float(self.correct)
+        return self.correct_draws / max(self.draws, 1)
+
+    @property
+    def majority_correct(self) -> bool:
+        """Whether the majority-vote prediction is correct."""
+        if self.multilabel:
+            return list(self.multilabel["pred"]) == list(self.multilabel["y"])
+        if self.prediction is None or self.label is None:
+            return self.correct
+        return self.prediction == self.label
+
+
+def draw_scores(rows: Sequence[Outcome], n: int) -> dict[str, float | None]:
+    """Scoring over R draws: ``mean`` (average fraction of correct draws), ``majority`` (the vote
+    is correct) and ``worst_of_r`` (all draws correct); examples without a row count as wrong."""
+    return {"mean": _fraction_f(sum(o.draw_fraction for o in rows), n),
+            "majority": _fraction(sum(1 for o in rows if o.majority_correct), n),
+            "worst_of_r": _fraction(sum(1 for o in rows if o.correct), n)}
+
+
+def _fraction_f(total: float, n: int) -> float | None:
+    return total / n if n else None
 
 
 @dataclass(frozen=True)
@@ -127,7 +162,9 @@ def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n:
         alive = groups.get(key, clean_ok) & {o.index for o in rows if o.correct}
         groups[key] = alive
         entry: dict[str, Any] = {"name": stage.method, "norm": stage.norm, "eps": stage.eps,
-                                 "accuracy": _fraction(len(alive), n), **class_metrics(alive, labels)}
+                                 "accuracy": _fraction(len(alive), n), **class_metrics(alive, labels),
+                                 "draws": max((o.draws for o in rows), default=1),
+                                 **draw_scores(rows, n)}
         if labels.task == "multilabel":
             per_label = dict(group_labels.get(key, clean_labels))
             for o in rows:
@@ -149,6 +186,7 @@ def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n:
     clean_metrics = class_metrics(clean_ok, labels)
     out = {
         "clean_accuracy": _fraction(len(clean_ok), n) if clean else None,
+        "clean_draws": {"draws": max((o.draws for o in clean_rows), default=1), **draw_scores(clean_rows, n)},
         "attacks": attacks_out,
         "threat_models": threats,
         "robust_accuracy": robust,

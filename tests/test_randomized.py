@@ -1,0 +1,81 @@
+"""Randomized models are scored with R fresh draws: worst-of-R, mean and majority-vote accuracy."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from bench.config import RunConfig
+from bench.defenses.base import Defense, DefenseInfo, Recipe
+from bench.harness.runner import execute
+from bench.models.defended import DefendedModel
+from bench.registry import DEFENSES
+from bench.results.queries import run_summary
+from bench.results.store import Store
+
+
+class NoisyModel(DefendedModel):
+    """Adds fresh Gaussian input noise at every forward pass, eval mode included."""
+
+    randomized = True
+    sigma = 0.2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + self.sigma * torch.randn_like(x))
+
+    @contextmanager
+    def freeze_randomness(self):
+        state = torch.random.get_rng_state()
+        try:
+            yield
+        finally:
+            torch.random.set_rng_state(state)
+
+
+_RECIPE = Recipe(epochs=8, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="none")
+
+
+class Noisy(Defense):
+    """Test-only randomized defense: Gaussian noise on the input of a small CNN."""
+
+    info = DefenseInfo(paper="(test)", year=None, kind="randomized", randomized=True)
+    recipes = {"paper": _RECIPE, "cpu": _RECIPE}
+
+    def build(self, spec, image_size, **hparams):
+        base = super().build(spec, image_size, **hparams)
+        model = NoisyModel(base.net, spec.mean, spec.std, spec.shape(image_size), spec.num_classes, spec.task)
+        return model
+
+
+if "test-noisy" not in DEFENSES:
+    DEFENSES.register("test-noisy", Noisy)
+
+
+def test_randomized_model_is_scored_with_r_draws(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    config = RunConfig(defense="test-noisy", dataset="synthetic", eps=(0.1,), steps=3, n_examples=32)
+    summary = run_summary(store, execute(config, store))
+    assert summary["clean_accuracy"] > 0.5  # the model learned the task despite the noise
+    checks = {c["name"]: c for c in summary["checks"]}
+    assert checks["randomized"]["triggered"] is False, checks["randomized"]  # declared and detected
+    assert summary["clean_draws"]["draws"] == 10
+    (attack,) = summary["attacks"]
+    assert attack["draws"] == 10
+    assert attack["worst_of_r"] == attack["accuracy"]
+    assert attack["worst_of_r"] <= attack["mean"] <= 1
+    assert attack["worst_of_r"] <= attack["majority"] <= 1
+    clean = summary["clean_draws"]
+    assert clean["worst_of_r"] == summary["clean_accuracy"] <= clean["mean"]
+    # with sigma=0.2 input noise some draws disagree: worst-of-R is strictly below the mean
+    assert clean["worst_of_r"] < clean["mean"]
+
+
+def test_undeclared_randomness_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.setattr(NoisyModel, "randomized", False)
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    config = RunConfig(defense="test-noisy", dataset="synthetic", protocol="clean", n_examples=16)
+    summary = run_summary(store, execute(config, store))
+    check = next(c for c in summary["checks"] if c["name"] == "randomized")
+    assert check["triggered"] and "does not declare randomized=True" in check["detail"]
+    assert summary["clean_draws"]["draws"] == 1
