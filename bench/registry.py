@@ -285,6 +285,16 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
     },
     ATTACKS: {
         "pgd": ("bench.attacks.pgd:PGD", "projected gradient descent, Linf and L2 (torchattacks)"),
+        "fgsm": ("bench.attacks.library:FGSM", "fast gradient sign method, Linf (torchattacks)"),
+        "mifgsm": ("bench.attacks.library:MIFGSM", "momentum iterative FGSM, Linf (torchattacks)"),
+        "cw-l2": ("bench.attacks.library:CWL2", "Carlini-Wagner L2 (torchattacks), projected to the eps ball"),
+        "deepfool": ("bench.attacks.library:DeepFool", "DeepFool L2 (torchattacks), projected to the eps ball"),
+        "apgd-ce": ("bench.attacks.autoattack:APGDCE", "APGD on cross-entropy (pyautoattack)"),
+        "apgd-dlr": ("bench.attacks.autoattack:APGDDLR", "APGD on the DLR loss (pyautoattack)"),
+        "apgd-t": ("bench.attacks.autoattack:APGDT", "targeted APGD on DLR (pyautoattack)"),
+        "fab-t": ("bench.attacks.autoattack:FABT", "targeted FAB (pyautoattack)"),
+        "square": ("bench.attacks.autoattack:Square", "Square, score-based black-box (pyautoattack)"),
+        "autoattack": ("bench.attacks.autoattack:AutoAttackSuite", "AutoAttack standard/plus/rand (pyautoattack)"),
     },
     CERTIFIERS: {},
     DATASETS: {

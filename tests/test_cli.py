@@ -168,3 +168,36 @@ def test_show_and_leaderboard_errors(db_url):
     assert_user_error(invoke("show", "999", "--db", db_url), "no run with id 999")
     assert_user_error(invoke("leaderboard", "--dataset", "synthetic", "--db", db_url), "no finished runs")
     assert invoke("leaderboard", "--format", "yaml", "--db", db_url).exit_code == 2  # rejected by the parser
+
+
+def test_attack_command_extends_a_stored_run_and_only_lowers_robustness(db_url):
+    first = run_json("--defense", "standard", *FAST, "--db", db_url)
+    run_id = str(first["run_id"])
+    args = ("attack", run_id, "--attack", "pgd", "--steps", "10", "--restarts", "2", "--db", db_url, "--json")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    extended = json.loads(result.stdout)
+    assert extended["run_id"] == first["run_id"]
+    assert len(extended["attacks"]) == 2
+    assert extended["attacks"][1]["accuracy"] <= extended["attacks"][0]["accuracy"]  # cascade: cumulative
+    assert extended["robust_accuracy"] <= first["robust_accuracy"]
+    assert extended["config"]["extra_attacks"][0]["params"] == {"restarts": 2, "steps": 10}
+    again = json.loads(invoke(*args).stdout)  # the same attack again is returned as stored
+    assert len(again["attacks"]) == 2 and again["robust_accuracy"] == extended["robust_accuracy"]
+    other = invoke("attack", run_id, "--attack", "fgsm", "--eps", "0.05", "--norm", "Linf", "--db", db_url, "--json")
+    assert other.exit_code == 0, other.stderr
+    assert [a["eps"] for a in json.loads(other.stdout)["attacks"]] == [0.1, 0.1, 0.05]
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["999", "--attack", "pgd"], "no run with id 999"),
+    (["1", "--attack", "pgdd"], "unknown attack 'pgdd'"),
+    (["1", "--attack", "pgd", "--eps", "-1"], "invalid eps"),
+    (["1", "--attack", "pgd", "--steps", "0"], "--steps"),
+    (["1", "--attack", "cw-l2", "--norm", "Linf", "--eps", "0.1"], "does not support the Linf norm"),
+])
+def test_attack_command_bad_input(db_url, args, fragment):
+    before = run_json("--defense", "standard", *FAST, "--db", db_url)
+    assert_user_error(invoke("attack", *args, "--db", db_url), fragment)
+    after = json.loads(invoke("show", "1", "--db", db_url, "--json").stdout)
+    assert after["attacks"] == before["attacks"] and after["pending_attacks"] == []

@@ -142,7 +142,7 @@ class Attack:
             raise BenchError(f"attack '{self.name}' does not support the {threat.norm.value} norm (supports {supported})")
         y = y.long()  # torchattacks' losses need int64 labels
         counter = PassCounter(model)
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]  # restored per module (e.g. frozen BatchNorm)
         model.eval()
         counter.eval()  # attack libraries restore the wrapper's mode: it must be eval, like the model
         try:
@@ -155,7 +155,8 @@ class Attack:
             with torch.no_grad():
                 predictions = tasks.predict(counter(x_adv), task)
         finally:
-            model.train(was_training)
+            for module, mode in modes:
+                module.training = mode
         return AttackResult(
             x_adv=x_adv,
             predictions=predictions,

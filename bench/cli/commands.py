@@ -106,6 +106,56 @@ def run(
         print_summary(summary, stored=stored)
 
 
+@app.command()
+@user_errors
+def attack(
+    run_id: Annotated[int, typer.Argument(help="Stored run to extend (see `bench list runs`).")],
+    name: Annotated[str, typer.Option("--attack", help="Attack registry name.")],
+    norm: Annotated[Optional[str], typer.Option(help="Linf or L2 [default: each of the run's threat models].",
+                                                show_default=False)] = None,
+    eps: Annotated[Optional[list[str]], typer.Option("--eps", help="eps, e.g. 0.1 or 8/255 (repeatable) "
+                                                     "[default: the run's eps for the norm].", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Attack steps.")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Attack restarts.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add an attack to a stored run: it runs on the examples still robust, so robust accuracy can only drop."""
+    from bench.config import AttackSpec, ThreatModel, parse_eps, parse_norm
+    from bench.harness.extend import add_attack
+    from bench.results.queries import get_run_or_fail, run_summary
+
+    store = _store(db)
+    run = get_run_or_fail(store, run_id)
+    params = tuple(sorted({k: v for k, v in (("steps", steps), ("restarts", restarts)) if v is not None}.items()))
+    for value, label in ((steps, "steps"), (restarts, "restarts")):
+        if value is not None and value < 1:
+            raise BenchError(f"invalid --{label} {value}: must be >= 1")
+    run_threats = [(a["norm"], a["eps"]) for a in run.config["protocol"]["attacks"]]
+    if eps:
+        norms = [parse_norm(norm)] if norm else sorted({parse_norm(n) for n, _ in run_threats}, key=str) or [parse_norm("Linf")]
+        threats = [ThreatModel(n, parse_eps(e)) for n in norms for e in eps]
+    else:
+        threats = [ThreatModel(n, e) for n, e in dict.fromkeys(run_threats) if norm is None or parse_norm(n) is parse_norm(norm)]
+        if not threats:
+            raise BenchError(f"run {run_id} has no {norm} threat model; give --eps")
+    from bench.cli.output import stderr
+    from bench.harness.progress import RichProgress
+
+    for threat in threats:
+        add_attack(store, run_id, AttackSpec(name, threat, params), RichProgress(stderr), device)
+    summary = run_summary(store, run_id)
+    if as_json:
+        from bench.cli.output import print_json
+
+        print_json(summary)
+    else:
+        from bench.cli.output import print_summary
+
+        print_summary(summary)
+
+
 class ListWhat(str, Enum):
     defenses = "defenses"
     attacks = "attacks"

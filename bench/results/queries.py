@@ -56,6 +56,7 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
         "wall_time_s": run.wall_time_s,
         # additions beyond the stable core
         "clean_draws": table["clean_draws"],
+        "pending_attacks": table["pending_attacks"],
         "task": labels.task,
         "imbalanced": bool(spec.get("imbalanced", False)),
         "balanced_accuracy": table["balanced_accuracy"],

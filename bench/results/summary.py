@@ -156,7 +156,9 @@ def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n:
     attacks_out: list[dict[str, Any]] = []
     groups: dict[tuple[str | None, float | None], set[int]] = {}
     group_labels: dict[tuple[str | None, float | None], dict[int, list[bool]]] = {}
-    for stage in sorted((s for s in stages if s.kind is EvalKind.ATTACK), key=lambda s: s.position):
+    attack_stages = sorted((s for s in stages if s.kind is EvalKind.ATTACK), key=lambda s: s.position)
+    pending = [{"name": s.method, "norm": s.norm, "eps": s.eps} for s in attack_stages if not s.finished]
+    for stage in (s for s in attack_stages if s.finished):  # an unfinished stage must not count as "broken"
         key = (stage.norm, stage.eps)
         rows = outcomes.get(stage.id, [])
         alive = groups.get(key, clean_ok) & {o.index for o in rows if o.correct}
@@ -188,6 +190,7 @@ def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n:
         "clean_accuracy": _fraction(len(clean_ok), n) if clean else None,
         "clean_draws": {"draws": max((o.draws for o in clean_rows), default=1), **draw_scores(clean_rows, n)},
         "attacks": attacks_out,
+        "pending_attacks": pending,
         "threat_models": threats,
         "robust_accuracy": robust,
         "balanced_accuracy": clean_metrics.get("balanced_accuracy"),
