@@ -295,6 +295,8 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
         "fab-t": ("bench.attacks.autoattack:FABT", "targeted FAB (pyautoattack)"),
         "square": ("bench.attacks.autoattack:Square", "Square, score-based black-box (pyautoattack)"),
         "autoattack": ("bench.attacks.autoattack:AutoAttackSuite", "AutoAttack standard/plus/rand (pyautoattack)"),
+        "eot": ("bench.attacks.wrappers:EOT", "expectation over transformation around any gradient attack"),
+        "bpda": ("bench.attacks.wrappers:BPDA", "backward-pass differentiable approximation around any gradient attack"),
     },
     CERTIFIERS: {},
     DATASETS: {

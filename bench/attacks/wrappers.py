@@ -1,0 +1,159 @@
+"""Adaptive-attack wrappers: ``eot`` (expectation over transformation) and ``bpda`` (backward-pass
+differentiable approximation). Both wrap any gradient attack of the registry and compose:
+``eot`` with ``attack="bpda"`` and ``params={"attack": "pgd"}`` averages BPDA gradients over draws.
+
+**EOT** (Athalye et al., 2018). A randomized model f(x; omega) is attacked through its expected
+prediction: the wrapped attack sees the model
+
+    x -> log( (1/K) sum_k softmax(f(x; omega_k)) )     (multilabel: logit of the mean sigmoid)
+
+with K fresh draws of the randomness at every call. Its cross-entropy is -log E_k[p_k(y)], the
+loss of the randomized classifier's expected prediction (the objective SmoothAdv uses), whose
+gradient is a weighted average of the per-draw gradients. The K draws are batched (the batch
+repeated K times in one forward pass); ``chunk`` bounds how many copies run at once when memory
+is short. For smoothing defenses the input noise is part of the model's forward pass, so it is
+redrawn too.
+
+**BPDA** (Athalye et al., 2018). A model declares, in ``bpda_surrogates()``, the submodules that
+are non-differentiable or mask gradients, with a differentiable stand-in (identity by default).
+While the wrapped attack runs, each such submodule computes its true output in the forward pass
+but back-propagates through its surrogate: out = g(x) + (f(x) - g(x)).detach().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.attacks.base import Attack, AttackInfo
+from bench.config import Norm, ThreatModel
+from bench.errors import BenchError
+from bench.registry import ATTACKS, register_attack
+
+__all__ = ["BPDA", "EOT", "ExpectationModel", "straight_through"]
+
+
+def _inner(name: str, params: dict[str, Any] | None) -> Attack:
+    if not isinstance(params, (dict, type(None))):
+        raise BenchError("params must be a mapping of the inner attack's parameters")
+    return ATTACKS.get(name)(**(params or {}))
+
+
+class ExpectationModel(nn.Module):
+    """The expected prediction of a randomized model over ``draws`` fresh draws per call."""
+
+    def __init__(self, model: nn.Module, draws: int, chunk: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.draws = draws
+        self.chunk = chunk or draws
+        self.task = getattr(model, "task", "multiclass")
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        outs = []
+        for start in range(0, self.draws, self.chunk):
+            k = min(self.chunk, self.draws - start)
+            logits = self.model(x.repeat(k, *([1] * (x.ndim - 1))))  # k draws of the batch in one pass
+            outs.append(logits.view(k, n, -1))
+        logits = torch.cat(outs)
+        if self.task == "multilabel":
+            p = torch.sigmoid(logits).mean(dim=0).clamp(1e-12, 1 - 1e-12)
+            return torch.log(p) - torch.log1p(-p)
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - torch.log(torch.tensor(float(self.draws)))
+
+
+@register_attack("eot")
+class EOT(Attack):
+    """Expectation over transformation around any gradient attack (see the module docstring).
+
+    Parameters: ``attack`` (inner attack, default ``pgd``), ``params`` (its parameters, a
+    mapping), ``draws`` (K, default 20), ``chunk`` (draws per forward pass; default all K).
+    """
+
+    info = AttackInfo(norms=(Norm.LINF, Norm.L2), stochastic=True, source="bench")
+    defaults = {"attack": "pgd", "params": None, "draws": 20, "chunk": None}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        if int(self.params["draws"]) < 1:
+            raise BenchError("eot: draws (K) must be >= 1")
+        if self.params["chunk"] is not None and int(self.params["chunk"]) < 1:
+            raise BenchError("eot: chunk must be >= 1")
+        self.inner = _inner(str(self.params["attack"]), self.params["params"])
+        if not self.inner.info.needs_grad:
+            raise BenchError(f"eot wraps gradient attacks; '{self.params['attack']}' needs no gradients")
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
+        if threat.norm not in self.inner.info.norms:
+            raise BenchError(f"attack '{self.inner.name}' does not support the {threat.norm.value} norm")
+        chunk = int(self.params["chunk"]) if self.params["chunk"] is not None else None
+        expected = ExpectationModel(model, int(self.params["draws"]), chunk).eval()
+        return self.inner.run(expected, x, y, threat)
+
+
+def straight_through(forward: nn.Module, surrogate: nn.Module) -> nn.Module:
+    """A module whose value is ``forward(x)`` and whose gradient is ``surrogate``'s."""
+
+    class _StraightThrough(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.forward_module, self.surrogate = forward, surrogate
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            approx = self.surrogate(x)
+            return approx + (self.forward_module(x) - approx).detach()
+
+    return _StraightThrough()
+
+
+@contextmanager
+def bpda_applied(model: nn.Module) -> Iterator[int]:
+    """Within the context, every declared component back-propagates through its surrogate.
+
+    Yields the number of replaced components (0 when the model declares none).
+    """
+    target = getattr(model, "model", model)  # through PassCounter / ExpectationModel wrappers
+    while not hasattr(target, "bpda_surrogates") and hasattr(target, "model"):
+        target = target.model
+    surrogates = target.bpda_surrogates() if hasattr(target, "bpda_surrogates") else {}
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, surrogate in surrogates.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = target.get_submodule(parent_name) if parent_name else target
+            original = getattr(parent, child)
+            setattr(parent, child, straight_through(original, surrogate))
+            replaced.append((parent, child, original))
+        yield len(replaced)
+    finally:
+        for parent, child, original in reversed(replaced):
+            setattr(parent, child, original)
+
+
+@register_attack("bpda")
+class BPDA(Attack):
+    """Backward-pass differentiable approximation around any gradient attack (module docstring).
+
+    Parameters: ``attack`` (inner attack, default ``pgd``), ``params`` (its parameters).
+    A model that declares no surrogate is attacked unchanged (the run records that in the
+    attack's parameters only; BPDA then equals the inner attack).
+    """
+
+    info = AttackInfo(norms=(Norm.LINF, Norm.L2), stochastic=True, source="bench")
+    defaults = {"attack": "pgd", "params": None}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.inner = _inner(str(self.params["attack"]), self.params["params"])
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
+        if threat.norm not in self.inner.info.norms:
+            raise BenchError(f"attack '{self.inner.name}' does not support the {threat.norm.value} norm")
+        with bpda_applied(model):
+            return self.inner.run(model, x, y, threat)
