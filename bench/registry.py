@@ -175,6 +175,10 @@ class Registry(Generic[T]):
             self._plugins_scanned = True
             for ep in entry_points(group=self.entry_point_group or ""):
                 key = self.normalize(ep.name)
+                existing = self._entries.get(key)
+                if existing is not None and not isinstance(existing, (LazyEntry, EntryPoint)) and \
+                        ep.value in (_target_of(existing), getattr(existing, "__module__", None)):
+                    continue  # the plugin's module was imported first and registered itself
                 if key in self._entries:
                     raise ValueError(
                         f"plugin {self.kind} '{key}' from entry point '{ep.value}' clashes with "

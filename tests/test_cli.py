@@ -118,8 +118,9 @@ def test_leaderboard_formats(db_url, tmp_path):
         (["--defense", "standard", "--db", "notadb://x"], ["cannot open result store"]),
     ],
 )
-def test_bad_input_exits_2(args, fragments):
+def test_bad_input_exits_2(args, fragments, tmp_path):
     assert_user_error(invoke("run", *args), *fragments)
+    assert not (tmp_path / "bench.db").exists()  # bad input creates no result store
 
 
 def _write_checkpoints(tmp_path: Path) -> dict[str, Path]:
@@ -164,7 +165,11 @@ def test_checkpoint_round_trip(db_url, tmp_path):
     assert loaded["run_id"] != trained["run_id"]
 
 
-def test_show_and_leaderboard_errors(db_url):
+def test_show_and_leaderboard_errors(db_url, tmp_path):
+    assert_user_error(invoke("show", "1", "--db", db_url), "no result store at")  # read-only: nothing created
+    assert_user_error(invoke("leaderboard", "--db", db_url), "no result store at")
+    assert not (tmp_path / "results.db").exists()
+    Store(db_url).close()
     assert_user_error(invoke("show", "999", "--db", db_url), "no run with id 999")
     assert_user_error(invoke("leaderboard", "--dataset", "synthetic", "--db", db_url), "no finished runs")
     assert invoke("leaderboard", "--format", "yaml", "--db", db_url).exit_code == 2  # rejected by the parser

@@ -17,10 +17,11 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL of th
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 
 
-def _store(db: str | None) -> Any:
+def _store(db: str | None, create: bool = False) -> Any:
+    """Open the result store; only commands that write results may create it."""
     from bench.results.store import Store
 
-    return Store(db)
+    return Store(db, create=create)
 
 
 def _parse_hparams(items: list[str]) -> tuple[tuple[str, Any], ...]:
@@ -80,8 +81,8 @@ def run(
         download=download,
         hparams=_parse_hparams(hparam or []),
     )
-    store = _store(db)
-    resolved = resolve(config)
+    resolved = resolve(config)  # validates everything before the store is touched
+    store = _store(db, create=True)
     existing = store.find_run(resolved.key)
     stored = existing is not None and existing.status is RunStatus.FINISHED
     progress = None
@@ -132,14 +133,21 @@ def attack(
     for value, label in ((steps, "steps"), (restarts, "restarts")):
         if value is not None and value < 1:
             raise BenchError(f"invalid --{label} {value}: must be >= 1")
-    run_threats = [(a["norm"], a["eps"]) for a in run.config["protocol"]["attacks"]]
+    from bench.registry import ATTACKS
+
+    supported = ATTACKS.get(name).info.norms
+    run_threats = [(parse_norm(a["norm"]), a["eps"]) for a in run.config["protocol"]["attacks"]]
+    if norm is not None:
+        norms = [parse_norm(norm)]  # an unsupported explicit norm is reported by the attack
+    else:
+        norms = [n for n in dict.fromkeys(n for n, _ in run_threats) if n in supported] or list(supported[:1])
     if eps:
-        norms = [parse_norm(norm)] if norm else sorted({parse_norm(n) for n, _ in run_threats}, key=str) or [parse_norm("Linf")]
         threats = [ThreatModel(n, parse_eps(e)) for n in norms for e in eps]
     else:
-        threats = [ThreatModel(n, e) for n, e in dict.fromkeys(run_threats) if norm is None or parse_norm(n) is parse_norm(norm)]
+        threats = [ThreatModel(n, e) for n, e in dict.fromkeys(run_threats) if n in norms]
         if not threats:
-            raise BenchError(f"run {run_id} has no {norm} threat model; give --eps")
+            raise BenchError(f"run {run_id} has no {'/'.join(n.value for n in norms)} threat model for attack "
+                             f"'{name}'; give --norm and --eps")
     from bench.cli.output import stderr
     from bench.harness.progress import RichProgress
 
@@ -256,7 +264,7 @@ def show(
     if as_json:
         print_json(summary)
         return
-    print_summary(summary, stored=True)
+    print_summary(summary, stored=summary.get("status") == "finished")
     prov = summary.get("provenance") or {}
     packages = ", ".join(f"{k} {v}" for k, v in (prov.get("packages") or {}).items() if v)
     git = prov.get("git") or {}

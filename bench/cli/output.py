@@ -75,5 +75,8 @@ def print_summary(summary: dict[str, Any], *, stored: bool = False) -> None:
         stdout.print(f"[yellow]check {check['name']}:[/yellow] {check['detail']}", markup=True)
     status = summary.get("status")
     note = "stored result, returned without recomputing" if stored else f"status {status}"
+    if status != "finished":
+        note = f"status {status}" + (f" ({summary['error']})" if summary.get("error") else "") + \
+            "; re-run its command to resume"
     stdout.print(f"run {summary['run_id']}: {note}; wall time {summary['wall_time_s']:.1f} s. "
                  f"`bench show {summary['run_id']}` for details.")

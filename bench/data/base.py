@@ -125,6 +125,7 @@ class Dataset:
 
     name: ClassVar[str] = ""
     spec: ClassVar[DatasetSpec]
+    reads_files: ClassVar[bool] = True  # False for datasets that ignore --data-dir (bundled or generated)
 
     def default_root(self) -> Path | None:
         """``$BENCH_DATA/<name>`` when BENCH_DATA is set."""

@@ -23,6 +23,8 @@ TEST_FRACTION = 0.25
 class Digits(Dataset):
     """scikit-learn's 8x8 handwritten digits (embedded default)."""
 
+    reads_files = False
+
     spec = DatasetSpec(
         name="digits",
         task="multiclass",

@@ -21,6 +21,8 @@ SIZES = {"train": 256, "test": 64}
 class Synthetic(Dataset):
     """Tiny generated dataset for tests."""
 
+    reads_files = False
+
     spec = DatasetSpec(
         name="synthetic",
         task="multiclass",

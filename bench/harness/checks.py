@@ -19,11 +19,16 @@ class CheckResult:
     detail: str
 
 
-def check_train_mode(model: nn.Module) -> CheckResult:
-    training = model.training
-    detail = ("the defense handed over a model in train mode; bench evaluates it in eval mode"
-              if training else "model handed over in eval mode")
-    return CheckResult("train_mode", training, detail)
+def check_train_mode(model: nn.Module, x: torch.Tensor) -> CheckResult:
+    """The harness evaluates in eval mode; a model whose forward pass puts modules back in train
+    mode (batch statistics, active dropout) would be evaluated in a mode nobody chose."""
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    training = sorted(name or "(model)" for name, m in model.named_modules() if m.training)
+    detail = (f"modules in train mode after an eval-mode forward pass: {', '.join(training[:5])}"
+              if training else "all modules stay in eval mode")
+    return CheckResult("train_mode", bool(training), detail)
 
 
 def check_randomness(model: nn.Module, x: torch.Tensor, declared: bool, repeats: int = 4) -> CheckResult:
@@ -73,10 +78,9 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, declared_randomized: bool) -> list[CheckResult]:
-    results = [check_train_mode(model)]
     was_training = model.training
-    model.eval()
     try:
+        results = [check_train_mode(model, x)]
         results.append(check_randomness(model, x, declared_randomized))
         results.extend(check_logits(model, x))
         results.append(check_zero_gradients(model, x, y))

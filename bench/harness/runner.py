@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from bench.harness.device import device_kind, resolve_device
 from bench.harness.progress import Progress
 from bench.harness.protocol import Protocol, resolve_protocol
 from bench.errors import BenchError
-from bench.registry import DATASETS, DEFENSES
+from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.results.schema import EvalKind, RunStatus
 from bench.results.store import Store
 
@@ -59,6 +59,7 @@ class ResolvedRun:
     def to_dict(self) -> dict[str, Any]:
         return {
             "defense": self.defense.name,
+            "defense_info": _info_dict(self.defense),
             "dataset": self.spec.name,
             "dataset_entry": self.config.dataset,
             "dataset_spec": self.spec.to_dict(),
@@ -79,14 +80,23 @@ class ResolvedRun:
         }
 
 
+def _info_dict(defense: Defense) -> dict[str, Any] | None:
+    from dataclasses import asdict
+
+    info = getattr(defense, "info", None)
+    return asdict(info) if info is not None else None
+
+
 def resolve(config: RunConfig) -> ResolvedRun:
     """Validate ``config`` and fill in defaults, without importing torch when avoidable."""
     from bench.harness.checkpoints import sha256_file
 
     config.validate()
+    config = replace(config, defense=DEFENSES.normalize(config.defense), dataset=DATASETS.normalize(config.dataset),
+                     attacks=tuple(ATTACKS.normalize(a) for a in config.attacks))
     defense: Defense = DEFENSES.get(config.defense)()
     dataset: Dataset = DATASETS.get(config.dataset)()
-    root = config.data_dir or dataset.default_root()
+    root = (config.data_dir or dataset.default_root()) if dataset.reads_files else None
     data_root = str(Path(root).expanduser().resolve()) if root else None
     spec: DatasetSpec = dataset.resolve_spec(data_root)
     if config.split not in spec.splits:
@@ -101,7 +111,9 @@ def resolve(config: RunConfig) -> ResolvedRun:
         checkpoint_sha = sha256_file(config.checkpoint)
     else:
         recipe_name = config.recipe if config.recipe != "auto" else ("cpu" if device_kind(device) == "cpu" else "paper")
-        recipe = defense.recipe(recipe_name).with_overrides(epochs=config.epochs)
+        recipe = defense.recipe(recipe_name)
+        if config.epochs is not None:  # an explicit number of epochs is not capped by the examples budget
+            recipe = replace(recipe, epochs=config.epochs, max_examples=None)
     hparams = defense.resolve_hparams(dict(config.hparams), image_size, recipe_name)
     partial = ResolvedRun(config, defense, dataset, spec, protocol, device, hparams, image_size, data_root, recipe_name,
                           recipe, checkpoint_sha, key="")
@@ -115,7 +127,19 @@ def execute(config: RunConfig, store: Store, progress: Progress | None = None) -
     if existing is not None and existing.status is RunStatus.FINISHED:
         return existing.id
     progress = progress or Progress()
+    check_attacks(resolved.protocol)  # before any training: a bad attack parameter is a user error
     return _execute(resolved, store, progress, existing.id if existing is not None else None)
+
+
+def check_attacks(protocol: Protocol) -> None:
+    """Instantiate every attack of ``protocol`` (validating its parameters) and check its norm."""
+    for spec in protocol.attacks:
+        cls = ATTACKS.get(spec.attack)
+        cls(**spec.kwargs)
+        if spec.threat.norm not in cls.info.norms:
+            supported = ", ".join(n.value for n in cls.info.norms)
+            raise BenchError(f"attack '{spec.attack}' does not support the {spec.threat.norm.value} norm "
+                             f"(supports {supported})")
 
 
 def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: int | None) -> int:
@@ -146,7 +170,7 @@ def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: in
         store.update_run(run_id, status=RunStatus.RUNNING, provenance=prov, model_id=model_id)
     device = torch.device(resolved.device)
     model.to(device)
-    counts = [0, 0]
+    evaluator: Evaluator | None = None
     try:
         _record_checks(store, run_id, model, test, device)
         model.eval()
@@ -158,12 +182,12 @@ def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: in
         for position, spec in enumerate(resolved.protocol.attacks, start=1):
             group = (spec.threat.norm.value, spec.threat.eps)
             groups[group] = evaluator.attack(position, spec, groups.get(group, alive))
-        counts = [evaluator.forward_passes, evaluator.backward_passes]
         store.finish_run(run_id)
     except BaseException as exc:
         store.fail_run(run_id, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         raise
-    finally:
+    finally:  # the cost of every session counts, interrupted ones included
+        counts = (evaluator.forward_passes, evaluator.backward_passes) if evaluator is not None else (0, 0)
         store.add_run_cost(run_id, time.perf_counter() - started, *counts)
     return run_id
 

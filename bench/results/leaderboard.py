@@ -42,6 +42,7 @@ class Board:
     protocol: str
     columns: tuple[Column, ...]
     rows: tuple[dict[str, Any], ...]
+    note: str = ""  # e.g. which evaluation subset was chosen and what was left out
 
 
 def _attack_key(attack: dict[str, Any]) -> tuple[str, str]:
@@ -124,10 +125,21 @@ def build_board(store: Store, dataset: str, protocol: str | None = None) -> Boar
     if not chosen:
         raise BenchError(f"no finished runs for dataset '{dataset}' under protocol '{protocol}'; "
                          f"protocols present: {', '.join(sorted(set(keys)))}")
+    # rows are comparable only on the same examples: keep the evaluation set with the most
+    # (defense, model) entries, the larger one on ties
+    by_subset: dict[Any, list[Any]] = {}
+    for run in chosen:
+        by_subset.setdefault((run.indices_hash, run.n_examples), []).append(run)
+    (subset_hash, n), members = max(by_subset.items(),
+                                    key=lambda kv: (len({(r.defense, r.model_id) for r in kv[1]}), kv[0][1] or 0))
+    left_out = len(chosen) - len(members)
+    note = (f"{left_out} run(s) on other example subsets left out; ranked on {n} examples "
+            f"(indices {str(subset_hash)[:12]})" if left_out else "")
     latest: dict[Any, Any] = {}
-    for run in chosen:  # ordered by id: the latest run of each (defense, model) wins
+    for run in members:  # ordered by id: the latest run of each (defense, model) wins
         latest[(run.defense, run.model_id)] = run
-    return board_from_summaries(dataset, protocol, (run_summary(store, r.id) for r in latest.values()))
+    board = board_from_summaries(dataset, protocol, (run_summary(store, r.id) for r in latest.values()))
+    return Board(board.dataset, board.protocol, board.columns, board.rows, note)
 
 
 # -- renderers (pure) --------------------------------------------------------------------
@@ -145,6 +157,7 @@ def render_markdown(board: Board) -> str:
     header = [c.title for c in board.columns]
     align = ["---" if c.kind == "text" else "---:" for c in board.columns]
     lines = [f"Leaderboard: {board.dataset}, protocol {board.protocol} (accuracy in %)", "",
+             *([f"Note: {board.note}", ""] if board.note else []),
              "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for row in board.rows:
         cells = [_cell(c, row.get(c.key)).replace("|", "\\|") for c in board.columns]
@@ -166,6 +179,7 @@ def render_latex(board: Board) -> str:
     spec = "".join("l" if c.kind == "text" else "r" for c in board.columns)
     lines = [r"% requires \usepackage{booktabs}",
              f"% {latex_escape(board.dataset)}, protocol {latex_escape(board.protocol)}; accuracy in \\%",
+             *([f"% {latex_escape(board.note)}"] if board.note else []),
              rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
              " & ".join(latex_escape(c.title) for c in board.columns) + r" \\", r"\midrule"]
     for row in board.rows:
@@ -194,6 +208,7 @@ def render_json(board: Board) -> str:
     payload = {
         "dataset": board.dataset,
         "protocol": board.protocol,
+        **({"note": board.note} if board.note else {}),
         "columns": [{"key": c.key, "title": c.title, "kind": c.kind} for c in board.columns],
         "rows": [{c.key: row.get(c.key) for c in board.columns} | {"run_id": row.get("run_id")} for row in board.rows],
     }
@@ -203,7 +218,8 @@ def render_json(board: Board) -> str:
 def render_rich(board: Board) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"{board.dataset} · protocol {board.protocol} · accuracy %")
+    table = Table(title=f"{board.dataset} · protocol {board.protocol} · accuracy %",
+                  caption=board.note or None)
     for c in board.columns:
         table.add_column(c.title, justify="left" if c.kind == "text" else "right")
     for row in board.rows:

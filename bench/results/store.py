@@ -47,8 +47,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class Store:
     """Open (and create if needed) the result store at ``url``."""
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, create: bool = True) -> None:
         self.url = resolve_url(url)
+        if not create and self.url.startswith("sqlite:///") and self.url not in ("sqlite:///", "sqlite:///:memory:"):
+            path = Path(self.url[len("sqlite:///"):])
+            if not path.exists():
+                raise StoreError(f"no result store at {path}: run `bench run` first, or pass --db / set BENCH_DB")
         self.engine = self._connect(self.url)
 
     # -- opening ------------------------------------------------------------------------
@@ -73,6 +77,7 @@ class Store:
             event.listen(engine, "connect", _sqlite_pragmas)
         try:
             Base.metadata.create_all(engine)
+            Store._check_columns(engine, url)
             with Session(engine) as session:
                 row = session.get(MetaRow, "schema_version")
                 if row is None:
@@ -86,6 +91,19 @@ class Store:
             detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise StoreError(f"cannot open result store '{url}': {detail}") from None
         return engine
+
+    @staticmethod
+    def _check_columns(engine: Engine, url: str) -> None:
+        """A database made by another bench version must not fail later with a bare SQL error."""
+        from sqlalchemy import inspect
+
+        inspector = inspect(engine)
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            missing = sorted(c.name for c in table.columns if c.name not in present)
+            if missing:
+                raise StoreError(f"result store '{url}' was made by another bench version: table {table.name} "
+                                 f"lacks column(s) {', '.join(missing)}; use a new --db")
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)

@@ -1,0 +1,5 @@
+"""``python -m bench.cli`` is the same as the ``bench`` command."""
+
+from bench.cli import main
+
+main()

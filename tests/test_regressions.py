@@ -1,0 +1,123 @@
+"""Regression tests for review findings: each pins a behaviour that was once wrong."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from importlib.metadata import EntryPoint
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import bench.registry
+from bench.cli import app
+from bench.config import RunConfig
+from bench.errors import StoreError
+from bench.harness.checks import check_train_mode
+from bench.harness.runner import execute, resolve
+from bench.models.defended import DefendedModel
+from bench.registry import Registry
+from bench.results.leaderboard import build_board
+from bench.results.store import Store
+
+runner = CliRunner()
+FAST = dict(defense="standard", dataset="synthetic", eps=(0.1,), norm="Linf", steps=3, epochs=2)
+
+
+def test_explicit_epochs_are_not_capped_by_the_examples_budget():
+    recipe = resolve(RunConfig(defense="standard", dataset="digits", epochs=50)).recipe
+    assert recipe.epochs_for(1347) == 50
+    default = resolve(RunConfig(defense="standard", dataset="digits")).recipe
+    assert default.max_examples is not None  # the cpu preset's budget still applies without --epochs
+
+
+def test_run_key_ignores_name_case_and_unused_data_dir(tmp_path):
+    base = resolve(RunConfig(defense="standard", dataset="digits")).key
+    assert resolve(RunConfig(defense="STANDARD", dataset="Digits")).key == base
+    assert resolve(RunConfig(defense="standard", dataset="digits", data_dir=str(tmp_path))).key == base
+
+
+def test_store_made_by_another_version_is_a_clear_error(tmp_path):
+    path = tmp_path / "old.db"
+    Store(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE example_results DROP COLUMN multilabel")
+    with pytest.raises(StoreError, match="another bench version.*multilabel"):
+        Store(f"sqlite:///{path}")
+
+
+def test_leaderboard_ranks_only_runs_on_the_same_examples(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    for defense in ("standard", "pgd-at"):
+        execute(RunConfig(**{**FAST, "defense": defense, "n_examples": 32}), store)
+    execute(RunConfig(**{**FAST, "n_examples": 16}), store)  # a smaller subset must not replace a row
+    board = build_board(store, "synthetic")
+    assert sorted(r["defense"] for r in board.rows) == ["pgd-at", "standard"]
+    assert all(r["n"] == 32 for r in board.rows)
+    assert "1 run(s) on other example subsets left out" in board.note
+
+
+def test_plugin_imported_before_the_first_lookup_is_not_a_clash(monkeypatch):
+    class Base:
+        pass
+
+    reg = Registry("thing", base=Base, entry_point_group="bench.things")
+
+    @reg.register("early")
+    class Early(Base):
+        pass
+
+    ep = EntryPoint(name="early", value=f"{Early.__module__}:{Early.__qualname__}", group="bench.things")
+    monkeypatch.setattr(bench.registry, "entry_points", lambda *, group: [ep])
+    assert reg.get("early") is Early
+
+
+def test_failed_sessions_still_count_their_passes(tmp_path, monkeypatch):
+    from bench.attacks.pgd import PGD
+
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    calls = {"n": 0}
+    original = PGD.run
+
+    def crash_second(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return original(self, *args)
+
+    monkeypatch.setattr(PGD, "run", crash_second)
+    with pytest.raises(RuntimeError):
+        execute(RunConfig(**{**FAST, "batch_size": 8, "n_examples": 32}), store)
+    (run,) = store.list_runs()
+    assert run.forward_passes > 0 and run.backward_passes > 0
+
+
+def test_train_mode_check_catches_a_forward_that_switches_modes():
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            self.bn.train()  # a defense that forces batch statistics
+            return self.bn(x.flatten(1)[:, :4])
+
+    model = DefendedModel(Sneaky(), (0.5,), (0.25,), (1, 8, 8), 4)
+    result = check_train_mode(model, torch.rand(8, 1, 8, 8))
+    assert result.triggered and "net.bn" in result.detail
+    plain = DefendedModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), (0.5,), (0.25,), (1, 8, 8), 4)
+    assert not check_train_mode(plain, torch.rand(8, 1, 8, 8)).triggered
+
+
+def test_attack_command_uses_only_norms_the_attack_supports(tmp_path):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    out = runner.invoke(app, ["run", "--defense", "standard", "--dataset", "synthetic", "--epochs", "2",
+                              "-n", "16", "--db", db, "--json"])  # protocol pgd@1: Linf and L2
+    assert out.exit_code == 0, out.stderr
+    assert {a["norm"] for a in json.loads(out.stdout)["attacks"]} == {"Linf", "L2"}
+    result = runner.invoke(app, ["attack", "1", "--attack", "fgsm", "--db", db, "--json"])
+    assert result.exit_code == 0, result.stderr
+    added = json.loads(result.stdout)["attacks"][2:]
+    assert [(a["name"], a["norm"]) for a in added] == [("fgsm", "Linf")]
