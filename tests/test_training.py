@@ -362,3 +362,37 @@ def test_load_into_reports_mismatch_as_checkpoint_error(tmp_path: Path) -> None:
     assert torch.equal(model.net[1].weight, good["net.1.weight"])
     with pytest.raises(CheckpointError, match="standard"):
         load_into(defense, model, {"net.1.weight": torch.ones(3, 3)}, "bad.pt")
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path) -> None:
+    from bench.data.base import get_dataset
+
+    train = get_dataset("synthetic").load("train")
+    recipe = Recipe(epochs=4, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0,
+                    schedule="cosine")
+
+    def noisy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x + 0.05 * torch.randn_like(x)).clamp(0, 1)  # uses the global RNG, which must be restored
+
+    reference = linear_model(0)
+    fit(reference, train, recipe, device=CPU, seed=3, perturb=noisy)
+
+    calls = {"n": 0}
+
+    def crash_in_epoch_three(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 2 * 8 + 1:  # 8 batches per epoch: the first batch of epoch 3
+            raise KeyboardInterrupt
+        return noisy(model, x, y)
+
+    state = tmp_path / "train.partial.pt"
+    model = linear_model(0)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, train, recipe, device=CPU, seed=3, perturb=crash_in_epoch_three, resume=state)
+    assert state.exists()
+    resumed = linear_model(0)  # a fresh process would rebuild the model from scratch
+    summary = fit(resumed, train, recipe, device=CPU, seed=3, perturb=noisy, resume=state)
+    assert not state.exists()  # removed once training completes
+    assert [h["epoch"] for h in summary.history] == [1, 2, 3, 4]
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from bench.errors import BenchError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from bench.data.base import DatasetSpec, Split
@@ -141,12 +143,16 @@ class Defense:
         return DefendedModel(net, spec.mean, spec.std, spec.shape(image_size), spec.num_classes, spec.task)
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
-            device: torch.device, seed: int = 0, progress: Any = None) -> TrainSummary:
-        """Train ``model`` in place with the shared loop; subclasses add a perturbation."""
+            device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
+        """Train ``model`` in place with the shared loop; subclasses add a perturbation.
+
+        ``resume`` is a file for per-epoch training state (see :func:`bench.harness.training.fit`);
+        pass it on so an interrupted training continues where it stopped.
+        """
         from bench.harness.training import fit
 
         return fit(model, train, recipe, device=device, seed=seed, progress=progress,
-                   balance_classes=recipe.balances(spec))
+                   balance_classes=recipe.balances(spec), resume=resume)
 
     def load_state_dict(self, model: DefendedModel, state: dict[str, Any]) -> None:
         """Load a state dict into ``model``; override to adapt an official checkpoint layout."""

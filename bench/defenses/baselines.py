@@ -10,6 +10,8 @@ from bench.defenses.base import Defense, DefenseInfo, Recipe
 from bench.registry import register_defense
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from bench.data.base import DatasetSpec, Split
@@ -51,7 +53,7 @@ class PGDAT(Defense):
     }
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
-            device: torch.device, seed: int = 0, progress: Any = None) -> TrainSummary:
+            device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
         from bench.harness.training import fit
         from bench.registry import ATTACKS
 
@@ -62,7 +64,7 @@ class PGDAT(Defense):
             return attack(m, x, y, threat).x_adv
 
         return fit(model, train, recipe, device=device, seed=seed, progress=progress, perturb=perturb,
-                   balance_classes=recipe.balances(spec))
+                   balance_classes=recipe.balances(spec), resume=resume)
 
 
 def training_threat(recipe: Recipe, spec: DatasetSpec) -> ThreatModel:

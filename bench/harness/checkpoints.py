@@ -41,19 +41,24 @@ def _first_sentence(exc: BaseException) -> str:
     return text.split(". ")[0].rstrip(".")[:300]
 
 
-def save_checkpoint(path: Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write ``{"format", "state_dict", "meta"}`` atomically to ``path``."""
+def atomic_save(path: Path, obj: Any) -> None:
+    """``torch.save`` to a temporary file, then rename: ``path`` is never half-written."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save({"format": FORMAT, "state_dict": state_dict, "meta": meta}, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(path: Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write ``{"format", "state_dict", "meta"}`` atomically to ``path``."""
+    atomic_save(path, {"format": FORMAT, "state_dict": state_dict, "meta": meta})
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:

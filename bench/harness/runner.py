@@ -7,6 +7,7 @@ not by what ran before). A run is marked finished only after its last stage.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -263,8 +264,11 @@ def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store,
     if summary is None:
         progress.log(f"training {defense.name} on {spec.name} ({resolved.recipe_name} recipe, "
                      f"{resolved.recipe.epochs_for(len(train))} epochs, {resolved.device})")
+        kwargs: dict[str, Any] = {}
+        if "resume" in inspect.signature(defense.fit).parameters:  # third-party fit() may predate resume
+            kwargs["resume"] = path.with_name(path.stem + ".partial.pt")
         result = defense.fit(model, train, resolved.recipe, spec=spec, device=torch.device(resolved.device),
-                             seed=resolved.config.seed, progress=progress)
+                             seed=resolved.config.seed, progress=progress, **kwargs)
         summary = result.to_dict()
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_checkpoint(path, state, {"train_summary": summary, "key": key, "defense": defense.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,28 @@ class TrainSummary:
         return asdict(self)
 
 
+def _save_state(path: Path, epoch: int, steps: int, history: list[dict[str, float]], model: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any, shuffle: torch.Generator) -> None:
+    from bench.harness.checkpoints import atomic_save
+
+    atomic_save(path, {"epoch": epoch, "steps": steps, "history": history, "model": model.state_dict(),
+                       "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                       "shuffle": shuffle.get_state(), "torch_rng": torch.get_rng_state()})
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             shuffle: torch.Generator) -> tuple[int, int, list[dict[str, float]]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    shuffle.set_state(state["shuffle"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]), int(state["steps"]), list(state["history"])
+
+
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     if recipe.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -49,7 +72,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
 
 def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device, seed: int = 0,
         progress: Progress | None = None, perturb: Perturb | None = None, loss_fn: Loss | None = None,
-        balance_classes: bool = False) -> TrainSummary:
+        balance_classes: bool = False, resume: Path | None = None) -> TrainSummary:
     """Train ``model`` in place for ``recipe.epochs_for(len(train))`` epochs of shuffled mini-batches.
 
     The loss defaults to the model's task loss (cross-entropy, or summed binary cross-entropy
@@ -77,9 +100,14 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
     scheduler = make_scheduler(optimizer, recipe, epochs)
     history: list[dict[str, float]] = []
     steps = 0
+    first_epoch = 0
     start = time.perf_counter()
+    if resume is not None and resume.exists():
+        first_epoch, steps, history = _restore(resume, model, optimizer, scheduler, shuffle)
+        progress.log(f"resuming training after epoch {first_epoch} from {resume}")
     with progress.task(f"training ({n} images)", total=epochs) as bar:
-        for epoch in range(epochs):
+        bar.advance(first_epoch)
+        for epoch in range(first_epoch, epochs):
             order = torch.randperm(n, generator=shuffle)
             total_loss, correct = 0.0, 0
             for begin in range(0, n, recipe.batch_size):
@@ -101,8 +129,12 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
                 scheduler.step()
             record = {"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n}
             history.append(record)
+            if resume is not None:
+                _save_state(resume, epoch + 1, steps, history, model, optimizer, scheduler, shuffle)
             bar.advance(1, loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
     model.eval()
+    if resume is not None:
+        resume.unlink(missing_ok=True)
     last = history[-1]
     return TrainSummary(epochs=epochs, steps=steps, seconds=time.perf_counter() - start,
                         final_loss=last["loss"], final_train_accuracy=last["train_accuracy"], history=history)
