@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 EOT_TARGET = 1.5
 AA_TARGET = 1.10
@@ -119,11 +122,8 @@ def bench_autoattack(n: int = 64, repeats: int = 3) -> dict[str, float]:
     return {"n": n, "bench_s": ours, "direct_s": theirs, "ratio": ours / theirs}
 
 
-def write_section(eots: list[dict[str, float]], aa: dict[str, float], ok_aa: bool) -> None:
-    path = REPO / "docs" / "performance.md"
-    text = path.read_text() if path.exists() else "# Performance\n"
+def write_report(eots: list[dict[str, float]], aa: dict[str, float], ok_aa: bool) -> None:
     section = (
-        "## Attacks\n\n"
         f"Measured by `benchmarks/attacks.py` on {datetime.now(timezone.utc):%Y-%m-%d}, {platform.platform()}, "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads.\n\n"
         "| measurement | bench | reference | ratio | target | result |\n| --- | ---: | ---: | ---: | --- | --- |\n"
@@ -139,13 +139,7 @@ def write_section(eots: list[dict[str, float]], aa: dict[str, float], ok_aa: boo
         "arithmetic, so the speed-up fades (the EOT target is met only for small batches here). On a\n"
         "GPU the batched form is the one that fills the device.\n"
     )
-    head, marker, rest = text.partition("## Attacks\n")
-    if marker:
-        tail = rest.split("\n## ", 1)
-        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section("Attacks", section)
 
 
 def main() -> int:
@@ -162,7 +156,7 @@ def main() -> int:
     print(f"AutoAttack: bench {aa['bench_s']:.2f} s, direct {aa['direct_s']:.2f} s, ratio {aa['ratio']:.3f} "
           f"(target <= {AA_TARGET}x: {'PASS' if ok_aa else 'FAIL'})")
     if not args.no_write:
-        write_section(eots, aa, ok_aa)
+        write_report(eots, aa, ok_aa)
     return 0 if ok_eot and ok_aa else 1
 
 

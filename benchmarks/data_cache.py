@@ -27,6 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _report import write_section  # noqa: E402
+
 TARGET = 10.0
 
 
@@ -69,14 +72,11 @@ def measure(shared: Path, image_size: int, repeats: int) -> dict[str, float]:
                 "cache_bytes": size}
 
 
-def write_section(result: dict[str, float], image_size: int, passed: bool) -> None:
+def write_report(result: dict[str, float], image_size: int, passed: bool) -> None:
     import torch
 
-    path = REPO / "docs" / "performance.md"
-    text = path.read_text() if path.exists() else "# Performance\n"
     ratio = result["decode_s"] / result["cached_s"]
     section = (
-        "## Decode cache\n\n"
         f"Measured by `benchmarks/data_cache.py` on {datetime.now(timezone.utc):%Y-%m-%d}, "
         f"{platform.platform()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.\n"
         f"HAM10000 `train` split from the real subset in `../shared/data` ({int(result['images'])} images "
@@ -89,13 +89,7 @@ def write_section(result: dict[str, float], image_size: int, passed: bool) -> No
         f"Target: cached load at least {TARGET:.0f}x faster than the first decode: "
         f"**{'PASS' if passed else 'FAIL'}**.\n"
     )
-    head, marker, rest = text.partition("## Decode cache\n")
-    if marker:
-        tail = rest.split("\n## ", 1)
-        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section("Decode cache", section)
 
 
 def main() -> int:
@@ -115,7 +109,7 @@ def main() -> int:
           f"{result['cached_s']:.3f} s  speed-up: {ratio:.1f}x  cache: {result['cache_bytes'] / 2**20:.1f} MiB  "
           f"target >= {TARGET:.0f}x: {'PASS' if passed else 'FAIL'}")
     if not args.no_write:
-        write_section(result, args.image_size, passed)
+        write_report(result, args.image_size, passed)
     return 0 if passed else 1
 
 

@@ -33,7 +33,9 @@ MAIN_JOB = ["run", "--defense", "pgd-at", "--dataset", "digits"]
 MAIN_JOB_TEXT = "bench " + " ".join(MAIN_JOB)
 TARGET_MAIN_S = 120.0
 TARGET_RATIO = 0.05
-DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import DOC, write_section  # noqa: E402
+
 SECTION = "## Main job"
 
 
@@ -185,16 +187,8 @@ def section(m: dict[str, object]) -> str:
 
 
 def write_doc(m: dict[str, object], path: Path = DOC) -> None:
-    new = section(m)
-    if path.exists():
-        text = path.read_text()
-        pattern = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.M | re.S)
-        text = pattern.sub(lambda _: new + "\n", text, count=1) if pattern.search(text) else text.rstrip() + "\n\n" + new
-    else:
-        text = ("# Performance\n\nMeasurements written by the scripts in `benchmarks/` (see benchmarks/README.md). "
-                "Each section is\nreplaced when its script runs again.\n\n" + new)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip() + "\n")
+    title = SECTION.removeprefix("## ")
+    write_section(title, section(m).split("\n", 1)[1], path)  # section() starts with its own heading
 
 
 def main() -> int:

@@ -34,3 +34,12 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'results.db'}"
+
+
+@pytest.fixture(scope="session")
+def data():
+    """The synthetic dataset's (train, test) splits: tiny, generated, the same for every test."""
+    from bench.data.base import get_dataset
+
+    ds = get_dataset("synthetic")
+    return ds.load("train"), ds.load("test")

@@ -11,19 +11,12 @@ from torch import nn
 
 from bench.attacks.wrappers import ExpectationModel
 from bench.config import Norm, ThreatModel
-from bench.data.base import get_dataset
 from bench.errors import BenchError
 from bench.harness.checks import check_zero_gradients
 from bench.models.defended import DefendedModel
 from bench.registry import ATTACKS
 
 LINF = ThreatModel(Norm.LINF, 0.15)
-
-
-@pytest.fixture(scope="module")
-def data():
-    ds = get_dataset("synthetic")
-    return ds.load("train"), ds.load("test")
 
 
 @pytest.fixture(scope="module")

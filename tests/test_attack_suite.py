@@ -13,7 +13,7 @@ from torch import nn
 
 from bench.attacks.base import Attack
 from bench.config import Norm, ThreatModel
-from bench.data.base import Split, get_dataset
+from bench.data.base import Split
 from bench.errors import BenchError
 from bench.models.defended import DefendedModel
 from bench.registry import ATTACKS
@@ -65,12 +65,6 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture(scope="module")
-def data() -> tuple[Split, Split]:
-    ds = get_dataset("synthetic")
-    return ds.load("train"), ds.load("test")
 
 
 @pytest.fixture(scope="module")

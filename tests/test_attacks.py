@@ -11,7 +11,7 @@ from torch import nn
 
 from bench.attacks.base import Attack, AttackInfo, AttackResult, PassCounter, check_inputs, project
 from bench.config import Norm, ThreatModel
-from bench.data.base import Split, get_dataset
+from bench.data.base import Split
 from bench.errors import BenchError
 from bench.models.defended import DefendedModel
 from bench.registry import ATTACKS
@@ -25,12 +25,6 @@ STEPS = 10
 @pytest.fixture(autouse=True)
 def _home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture(scope="module")
-def data() -> tuple[Split, Split]:
-    ds = get_dataset("synthetic")
-    return ds.load("train"), ds.load("test")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ not by what ran before). A run is marked finished only after its last stage.
 from __future__ import annotations
 
 import inspect
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
