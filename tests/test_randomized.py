@@ -79,3 +79,16 @@ def test_undeclared_randomness_is_flagged(tmp_path, monkeypatch):
     check = next(c for c in summary["checks"] if c["name"] == "randomized")
     assert check["triggered"] and "does not declare randomized=True" in check["detail"]
     assert summary["clean_draws"]["draws"] == 1
+
+
+def test_randomized_defenses_default_to_the_adaptive_protocol():
+    from bench.harness.runner import resolve
+
+    adaptive = resolve(RunConfig(defense="test-noisy", dataset="synthetic")).protocol
+    assert adaptive.key == "adaptive@1" and adaptive.draws == 10
+    names = [a.attack for a in adaptive.attacks]
+    assert names[:3] == ["eot", "autoattack", "square"]
+    assert dict(adaptive.attacks[1].params)["version"] == "rand"
+    assert resolve(RunConfig(defense="standard", dataset="synthetic")).protocol.key == "pgd@1"
+    chosen = resolve(RunConfig(defense="test-noisy", dataset="synthetic", protocol="pgd")).protocol
+    assert chosen.key == "pgd@1"  # an explicit protocol is respected

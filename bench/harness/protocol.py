@@ -47,11 +47,35 @@ def _clean_v1(spec: DatasetSpec) -> Protocol:
     return Protocol("clean", 1, (), description="clean accuracy only")
 
 
+def _autoattack_v1(spec: DatasetSpec) -> Protocol:
+    attacks = tuple(AttackSpec("autoattack", t, (("seed", 0), ("version", "standard"))) for t in spec.threat_models)
+    return Protocol("autoattack", 1, attacks, description="AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; "
+                                                          "official pyautoattack) at each default threat model")
+
+
+def _adaptive_v1(spec: DatasetSpec) -> Protocol:
+    attacks: list[AttackSpec] = []
+    for t in spec.threat_models:
+        attacks += [
+            AttackSpec("eot", t, (("attack", "pgd"), ("draws", 20), ("params", {"restarts": 1, "steps": 20}))),
+            AttackSpec("autoattack", t, (("seed", 0), ("version", "rand"))),
+            AttackSpec("square", t, (("n_queries", 5000), ("seed", 0))),
+        ]
+    return Protocol("adaptive", 1, tuple(attacks), draws=10,
+                    description="for randomized defenses: EOT-PGD-20 (K=20 draws), AutoAttack rand (APGD-CE/DLR "
+                                "with EOT 20), Square 5000 queries, as a cascade per threat model; every "
+                                "adversarial example scored with R=10 fresh draws (worst-of-R headline)")
+
+
 # name -> {version -> builder}; the highest version is the default
 PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
     "pgd": {1: _pgd_v1},
     "clean": {1: _clean_v1},
+    "autoattack": {1: _autoattack_v1},
+    "adaptive": {1: _adaptive_v1},
 }
+# the protocol a run gets without --protocol: randomized defenses are evaluated adaptively
+DEFAULT_RANDOMIZED_PROTOCOL = "adaptive"
 
 
 def describe_protocols() -> list[dict[str, Any]]:
@@ -98,11 +122,15 @@ def _custom(config: RunConfig, spec: DatasetSpec) -> Protocol:
     return Protocol(f"custom-{digest}", 1, attacks, description="custom protocol from command-line options")
 
 
-def resolve_protocol(config: RunConfig, spec: DatasetSpec) -> Protocol:
-    """The protocol ``config`` asks for: a named one, or a custom one built from its options."""
+def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = False) -> Protocol:
+    """The protocol ``config`` asks for: a named one, or a custom one built from its options.
+
+    Without ``--protocol``, a deterministic defense gets ``pgd`` and a randomized one ``adaptive``.
+    """
     custom = bool(config.attacks or config.eps or config.norm or config.steps is not None
                   or config.restarts is not None)
-    protocol = _custom(config, spec) if custom else _named(config.protocol or DEFAULT_PROTOCOL, spec)
+    default = DEFAULT_RANDOMIZED_PROTOCOL if randomized else DEFAULT_PROTOCOL
+    protocol = _custom(config, spec) if custom else _named(config.protocol or default, spec)
     n_examples = config.n_examples if config.n_examples is not None else spec.eval_subset
     if n_examples is not None:
         from dataclasses import replace

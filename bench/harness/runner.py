@@ -101,7 +101,8 @@ def resolve(config: RunConfig) -> ResolvedRun:
     spec: DatasetSpec = dataset.resolve_spec(data_root)
     if config.split not in spec.splits:
         raise BenchError(f"dataset '{spec.name}' has no split '{config.split}'; splits: {', '.join(spec.splits)}")
-    protocol = resolve_protocol(config, spec)
+    info = getattr(defense, "info", None)
+    protocol = resolve_protocol(config, spec, randomized=bool(getattr(info, "randomized", False)))
     device = resolve_device(config.device)
     image_size = config.image_size or spec.image_size
     recipe_name: str | None = None
