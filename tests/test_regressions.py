@@ -121,3 +121,26 @@ def test_attack_command_uses_only_norms_the_attack_supports(tmp_path):
     assert result.exit_code == 0, result.stderr
     added = json.loads(result.stdout)["attacks"][2:]
     assert [(a["name"], a["norm"]) for a in added] == [("fgsm", "Linf")]
+
+
+def test_wrapped_attack_norm_is_checked_before_training():
+    from bench.errors import BenchError
+    from bench.harness.protocol import Protocol
+    from bench.harness.runner import check_attacks
+    from bench.config import AttackSpec, ThreatModel
+
+    spec = AttackSpec("eot", ThreatModel("L2", 0.5), (("attack", "fgsm"),))
+    with pytest.raises(BenchError, match="'fgsm' does not support the L2 norm"):
+        check_attacks(Protocol("x", 1, (spec,)))
+
+
+def test_same_attack_twice_keeps_two_leaderboard_columns():
+    from bench.results.leaderboard import board_from_summaries
+
+    attack = {"name": "pgd", "norm": "Linf", "eps": 0.1}
+    summary = {"defense": "d", "run_id": 1, "clean_accuracy": 0.9, "robust_accuracy": 0.4, "n_examples": 10,
+               "attacks": [{**attack, "accuracy": 0.5}, {**attack, "accuracy": 0.4}]}
+    board = board_from_summaries("digits", "custom@1", [summary])
+    titles = [c.title for c in board.columns]
+    assert "pgd Linf 0.1" in titles and "pgd Linf 0.1 #2" in titles
+    assert board.rows[0]["attack:pgd Linf 0.1"] == 0.5 and board.rows[0]["attack:pgd Linf 0.1#2"] == 0.4

@@ -18,8 +18,8 @@ What the adapters do around the library:
   or a debugger) is restored.
 * Class counts: the DLR loss needs the 3 largest logits and the targeted DLR loss 4, so
   ``apgd-dlr`` needs at least 3 classes and ``apgd-t`` at least 4; on smaller models they raise
-  :class:`BenchError` ("needs at least N classes (DLR loss)"), which the harness records as a
-  skip. ``fab-t`` has no DLR loss; with 2 classes its single target is the other class, so it
+  :class:`BenchError` ("needs at least N classes (DLR loss)"): the run stops with that one-line
+  error (recording it as a skipped stage instead is planned with the evaluation protocols). ``fab-t`` has no DLR loss; with 2 classes its single target is the other class, so it
   runs. Targeted attacks use ``n_target_classes = min(9, C - 1)`` (AutoAttack's 9 would
   otherwise exceed the classes that exist). ``C`` is the model's ``num_classes`` (looked up on
   the model and its ``.model``), else the width of its logits.

@@ -110,8 +110,11 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
     evaluator = Evaluator(store, run_id, model, data, torch_device, int(config["batch_size"]), int(config["seed"]),
                           draws, progress)
     alive = _still_robust(store, run_id, spec, position)
-    evaluator.attack(position, spec, alive)
+    try:
+        evaluator.attack(position, spec, alive)
+    finally:  # interrupted sessions count too
+        store.add_run_cost(run_id, time.perf_counter() - started, evaluator.forward_passes,
+                           evaluator.backward_passes)
     extra = list(config.get("extra_attacks", [])) + [{**spec.to_dict(), "position": position}]
     store.update_run(run_id, config={**config, "extra_attacks": extra})
-    store.add_run_cost(run_id, time.perf_counter() - started, evaluator.forward_passes, evaluator.backward_passes)
     return run_id

@@ -135,12 +135,13 @@ def execute(config: RunConfig, store: Store, progress: Progress | None = None) -
 def check_attacks(protocol: Protocol) -> None:
     """Instantiate every attack of ``protocol`` (validating its parameters) and check its norm."""
     for spec in protocol.attacks:
-        cls = ATTACKS.get(spec.attack)
-        cls(**spec.kwargs)
-        if spec.threat.norm not in cls.info.norms:
-            supported = ", ".join(n.value for n in cls.info.norms)
-            raise BenchError(f"attack '{spec.attack}' does not support the {spec.threat.norm.value} norm "
-                             f"(supports {supported})")
+        attack = ATTACKS.get(spec.attack)(**spec.kwargs)
+        while attack is not None:  # wrappers (eot, bpda) hold their inner attack in ``inner``
+            if spec.threat.norm not in attack.info.norms:
+                supported = ", ".join(n.value for n in attack.info.norms)
+                raise BenchError(f"attack '{attack.name}' does not support the {spec.threat.norm.value} norm "
+                                 f"(supports {supported})")
+            attack = getattr(attack, "inner", None)
 
 
 def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: int | None) -> int:

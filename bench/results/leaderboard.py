@@ -74,8 +74,12 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[s
         }
         if balanced:
             row["clean_ba"] = summary.get("balanced_accuracy")
+        seen: dict[str, int] = {}
         for attack in summary["attacks"]:
             key, label = _attack_key(attack)
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > 1:  # the same attack twice in one cascade: keep both columns
+                key, label = f"{key}#{seen[key]}", f"{label} #{seen[key]}"
             attack_cols.setdefault(key, label)
             row[key] = attack["accuracy"]
             if balanced:
