@@ -92,3 +92,60 @@ def test_randomized_defenses_default_to_the_adaptive_protocol():
     assert resolve(RunConfig(defense="standard", dataset="synthetic")).protocol.key == "pgd@1"
     chosen = resolve(RunConfig(defense="test-noisy", dataset="synthetic", protocol="pgd")).protocol
     assert chosen.key == "pgd@1"  # an explicit protocol is respected
+
+
+class FreezableNoisy(NoisyModel):
+    """Within freeze_randomness, every forward uses the same noise tensor (one frozen draw)."""
+
+    entered = 0
+
+    def forward(self, x):
+        noise = self._frozen if getattr(self, "_frozen", None) is not None and self._frozen.shape == x.shape \
+            else self.sigma * torch.randn_like(x)
+        return DefendedModel.forward(self, x + noise)
+
+    @contextmanager
+    def freeze_randomness(self):
+        type(self).entered += 1
+        self._frozen = None
+        generator = torch.Generator().manual_seed(type(self).entered)
+
+        def draw(shape):
+            return self.sigma * torch.randn(shape, generator=generator)
+
+        original = self.forward
+
+        def frozen_forward(x):
+            if getattr(self, "_frozen", None) is None or self._frozen.shape != x.shape:
+                self._frozen = draw(x.shape)
+            return original(x)
+
+        self.forward = frozen_forward
+        try:
+            yield
+        finally:
+            del self.forward
+            self._frozen = None
+
+
+def test_transfer_draw_protocol_attacks_a_frozen_draw_and_scores_one_fresh_draw(tmp_path, monkeypatch):
+    monkeypatch.setattr(Noisy, "build", lambda self, spec, size, **hp: FreezableNoisy(
+        Defense.build(self, spec, size, **hp).net, spec.mean, spec.std, spec.shape(size), spec.num_classes,
+        spec.task))
+    FreezableNoisy.entered = 0
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    summary = run_summary(store, execute(RunConfig(defense="test-noisy", dataset="synthetic",
+                                                   protocol="transfer-draw", n_examples=16), store))
+    assert summary["protocol"] == "transfer-draw@1"
+    assert FreezableNoisy.entered > 0  # the attack ran inside freeze_randomness
+    assert all(a["draws"] == 1 for a in summary["attacks"] if a["accuracy"])  # scored with one new draw
+    assert summary["clean_draws"]["draws"] == 1
+    single = resolve_protocol_key("single-draw")
+    assert single == ("single-draw@1", 1, False)
+
+
+def resolve_protocol_key(name):
+    from bench.harness.runner import resolve
+
+    p = resolve(RunConfig(defense="test-noisy", dataset="synthetic", protocol=name)).protocol
+    return p.key, p.draws, p.frozen

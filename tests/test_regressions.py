@@ -144,3 +144,29 @@ def test_same_attack_twice_keeps_two_leaderboard_columns():
     titles = [c.title for c in board.columns]
     assert "pgd Linf 0.1" in titles and "pgd Linf 0.1 #2" in titles
     assert board.rows[0]["attack:pgd Linf 0.1"] == 0.5 and board.rows[0]["attack:pgd Linf 0.1#2"] == 0.4
+
+
+def test_result_checks_flag_square_beating_whitebox_and_non_monotone_eps():
+    from bench.harness.checks import check_eps_monotone, check_square_beats_whitebox
+
+    threat = {"norm": "Linf", "eps": 0.1, "robust_accuracy": 0.3}
+    summary = {"threat_models": [threat], "attacks": [
+        {"name": "apgd-ce", "norm": "Linf", "eps": 0.1, "accuracy": 0.5},
+        {"name": "square", "norm": "Linf", "eps": 0.1, "accuracy": 0.3}]}
+    assert check_square_beats_whitebox(summary).triggered
+    summary["attacks"][1]["accuracy"] = 0.499
+    assert not check_square_beats_whitebox(summary).triggered  # within 0.2 points
+    monotone = {"threat_models": [{"norm": "Linf", "eps": 0.1, "robust_accuracy": 0.5},
+                                  {"norm": "Linf", "eps": 0.2, "robust_accuracy": 0.6},
+                                  {"norm": "L2", "eps": 0.5, "robust_accuracy": 0.9}]}
+    result = check_eps_monotone(monotone)
+    assert result.triggered and "eps 0.2" in result.detail
+    monotone["threat_models"][1]["robust_accuracy"] = 0.4
+    assert not check_eps_monotone(monotone).triggered
+
+
+def test_result_checks_are_stored_with_the_run(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    run_id = execute(RunConfig(**{**FAST, "n_examples": 16}), store)
+    names = {c.name for c in store.checks(run_id)}
+    assert {"square_beats_whitebox", "eps_monotone", "zero_gradient"} <= names

@@ -108,7 +108,7 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
     model.to(torch_device)
     draws = int(config["protocol"].get("draws", 10)) if getattr(model, "randomized", False) else 1
     evaluator = Evaluator(store, run_id, model, data, torch_device, int(config["batch_size"]), int(config["seed"]),
-                          draws, progress)
+                          draws, progress, frozen=bool(config["protocol"].get("frozen", False)))
     alive = _still_robust(store, run_id, spec, position)
     try:
         evaluator.attack(position, spec, alive)
@@ -117,4 +117,7 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
                            evaluator.backward_passes)
     extra = list(config.get("extra_attacks", [])) + [{**spec.to_dict(), "position": position}]
     store.update_run(run_id, config={**config, "extra_attacks": extra})
+    from bench.harness.runner import record_result_checks
+
+    record_result_checks(store, run_id)
     return run_id

@@ -26,6 +26,7 @@ class Protocol:
     attacks: tuple[AttackSpec, ...]
     n_examples: int | None = None  # None: the whole test split
     draws: int = 10  # re-draws used to score a randomized model (deterministic models use 1)
+    frozen: bool = False  # attack one frozen draw of the model's randomness (freeze_randomness)
     description: str = ""
 
     @property
@@ -34,7 +35,7 @@ class Protocol:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "attacks": [a.to_dict() for a in self.attacks],
-                "n_examples": self.n_examples, "draws": self.draws}
+                "n_examples": self.n_examples, "draws": self.draws, "frozen": self.frozen}
 
 
 def _pgd_v1(spec: DatasetSpec) -> Protocol:
@@ -67,12 +68,28 @@ def _adaptive_v1(spec: DatasetSpec) -> Protocol:
                                 "adversarial example scored with R=10 fresh draws (worst-of-R headline)")
 
 
+def _transfer_draw_v1(spec: DatasetSpec) -> Protocol:
+    base = _pgd_v1(spec)
+    return Protocol("transfer-draw", 1, base.attacks, draws=1, frozen=True,
+                    description="the authors' protocol of DCS and RPF: PGD-20 against one frozen draw of the "
+                                "model's randomness, scored with one new draw (not adaptive; for comparison)")
+
+
+def _single_draw_v1(spec: DatasetSpec) -> Protocol:
+    base = _pgd_v1(spec)
+    return Protocol("single-draw", 1, base.attacks, draws=1,
+                    description="PGD-20 with independent single draws for attack and scoring, no EOT "
+                                "(not adaptive; for comparison)")
+
+
 # name -> {version -> builder}; the highest version is the default
 PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
     "pgd": {1: _pgd_v1},
     "clean": {1: _clean_v1},
     "autoattack": {1: _autoattack_v1},
     "adaptive": {1: _adaptive_v1},
+    "transfer-draw": {1: _transfer_draw_v1},
+    "single-draw": {1: _single_draw_v1},
 }
 # the protocol a run gets without --protocol: randomized defenses are evaluated adaptively
 DEFAULT_RANDOMIZED_PROTOCOL = "adaptive"

@@ -178,12 +178,13 @@ def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: in
         model.eval()
         draws = resolved.protocol.draws if getattr(model, "randomized", False) else 1
         evaluator = Evaluator(store, run_id, model, test, device, resolved.config.batch_size,
-                              resolved.config.seed, draws, progress)
+                              resolved.config.seed, draws, progress, frozen=resolved.protocol.frozen)
         alive = evaluator.clean()
         groups: dict[tuple[str, float], set[int]] = {}
         for position, spec in enumerate(resolved.protocol.attacks, start=1):
             group = (spec.threat.norm.value, spec.threat.eps)
             groups[group] = evaluator.attack(position, spec, groups.get(group, alive))
+        record_result_checks(store, run_id)
         store.finish_run(run_id)
     except BaseException as exc:
         store.fail_run(run_id, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
@@ -280,6 +281,15 @@ def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store,
     return model.eval(), model_id, sha
 
 
+def record_result_checks(store: Store, run_id: int) -> None:
+    """Checks computed from the stored results (after the attacks): stored like the others."""
+    from bench.harness.checks import result_checks
+    from bench.results.queries import run_summary
+
+    for check in result_checks(run_summary(store, run_id)):
+        store.set_check(run_id, check.name, check.triggered, check.detail)
+
+
 def _record_checks(store: Store, run_id: int, model: DefendedModel, test: Split, device: torch.device) -> None:
     from bench.harness.checks import run_checks
 
@@ -301,10 +311,11 @@ class Evaluator:
     """Runs the stages of one run over its examples, batch by batch, skipping stored rows."""
 
     def __init__(self, store: Store, run_id: int, model: DefendedModel, data: Split, device: torch.device,
-                 batch_size: int, seed: int, draws: int, progress: Progress) -> None:
+                 batch_size: int, seed: int, draws: int, progress: Progress, frozen: bool = False) -> None:
         assert data.indices is not None
         self.store, self.run_id, self.model, self.device = store, run_id, model, device
         self.batch_size, self.seed, self.draws, self.progress = batch_size, seed, draws, progress
+        self.frozen = frozen  # attack one frozen draw (the authors' transfer-draw protocol)
         self.index = [int(i) for i in data.indices.tolist()]
         self.position_of = {ex: pos for pos, ex in enumerate(self.index)}
         self.images, self.labels = data.images, data.labels
@@ -399,7 +410,11 @@ class Evaluator:
                 if todo:
                     torch.manual_seed(_seed(self.seed, position, number))
                     x, y = self._tensors(todo)
-                    result = attack(self.model, x, y, spec.threat)
+                    if self.frozen:
+                        with self.model.freeze_randomness():
+                            result = attack(self.model, x, y, spec.threat)
+                    else:
+                        result = attack(self.model, x, y, spec.threat)
                     pred, correct_draws, scores = self.score(result.x_adv, y)
                     norms = perturbation_norm(x, result.x_adv, spec.threat.norm)
                     self.forward_passes += result.forward_passes
