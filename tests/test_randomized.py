@@ -149,3 +149,29 @@ def resolve_protocol_key(name):
 
     p = resolve(RunConfig(defense="test-noisy", dataset="synthetic", protocol=name)).protocol
     return p.key, p.draws, p.frozen
+
+
+def test_threat_named_protocols():
+    from bench.harness.runner import resolve
+
+    aa = resolve(RunConfig(defense="standard", dataset="digits", protocol="linf-8/255@1")).protocol
+    assert aa.key == "linf-8/255@1" and [(a.attack, a.threat.norm.value, a.threat.eps) for a in aa.attacks] == \
+        [("autoattack", "Linf", 8 / 255)]
+    rand = resolve(RunConfig(defense="test-noisy", dataset="digits", protocol="l2-0.5-rand")).protocol
+    assert rand.key == "l2-0.5-rand@1" and [a.attack for a in rand.attacks] == ["eot", "autoattack", "square"]
+    assert {a.threat.label for a in rand.attacks} == {"L2 0.5"}
+
+
+def test_randomized_defense_under_non_adaptive_protocol_is_marked(tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.results.leaderboard import build_board
+
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    result = CliRunner().invoke(app, ["run", "--defense", "test-noisy", "--dataset", "synthetic", "--protocol", "pgd",
+                                      "-n", "16", "--db", db, "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert "not adaptive" in result.stderr
+    board = build_board(Store(db), "synthetic")
+    assert board.rows[0]["defense"] == "test-noisy †" and "non-adaptive" in board.note

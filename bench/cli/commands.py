@@ -93,9 +93,14 @@ def run(
         progress = RichProgress(stderr)
     run_id = execute(config, store, progress)
     summary = run_summary(store, run_id)
-    if config.n_examples is not None:
-        from bench.cli.output import warn
+    from bench.cli.output import warn
+    from bench.harness.protocol import is_adaptive
 
+    if getattr(getattr(resolved.defense, "info", None), "randomized", False) and \
+            not is_adaptive(resolved.protocol.name):
+        warn(f"'{resolved.defense.name}' is randomized but protocol {resolved.protocol.key} is not adaptive: its "
+             "robust accuracy is likely overestimated (the leaderboard marks it with †); use --protocol adaptive")
+    if config.n_examples is not None:
         warn(f"evaluated a seeded subset of {summary['n_examples']} examples: compare only with runs on the same subset")
     if as_json:
         from bench.cli.output import print_json

@@ -7,10 +7,11 @@ when their protocol name and version match. See docs/protocols.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from bench.config import AttackSpec, RunConfig, ThreatModel, parse_norm, stable_hash
+from bench.config import AttackSpec, RunConfig, ThreatModel, parse_eps, parse_norm, stable_hash
 from bench.data.base import DatasetSpec
 from bench.errors import BenchError
 
@@ -105,11 +106,36 @@ def describe_protocols() -> list[dict[str, Any]]:
             for name, versions in sorted(PROTOCOLS.items()) for version, builder in sorted(versions.items())]
 
 
+THREAT_PROTOCOL = re.compile(r"^(linf|l2)-([0-9.]+(?:/[0-9.]+)?)(-rand)?$")
+ADAPTIVE_PROTOCOLS = ("adaptive",)  # protocols that evaluate randomized models adaptively
+
+
+def _threat_protocol(base: str, spec: DatasetSpec) -> Callable[[DatasetSpec], Protocol] | None:
+    """``linf-8/255`` (AutoAttack standard at that one threat model) or ``linf-8/255-rand``
+    (the adaptive protocol at that threat model)."""
+    match = THREAT_PROTOCOL.match(base)
+    if match is None:
+        return None
+    norm, eps, rand = match.groups()
+    threat = ThreatModel(parse_norm(norm), parse_eps(eps))
+    one = replace(spec, threat_models=(threat,))
+    builder = _adaptive_v1 if rand else _autoattack_v1
+    return lambda _spec: replace(builder(one), name=base,
+                                 description=f"{builder(one).description.split(' at each')[0]} at {threat.label}")
+
+
+def is_adaptive(protocol_name: str) -> bool:
+    return protocol_name in ADAPTIVE_PROTOCOLS or protocol_name.endswith("-rand")
+
+
 def _named(name: str, spec: DatasetSpec) -> Protocol:
     base, _, version = name.partition("@")
-    versions = PROTOCOLS.get(base.strip().lower())
+    base = base.strip().lower()
+    threat_builder = _threat_protocol(base, spec)
+    versions = {1: threat_builder} if threat_builder is not None else PROTOCOLS.get(base)
     if versions is None:
-        raise BenchError(f"unknown protocol '{name}'; known: {', '.join(sorted(PROTOCOLS))}")
+        raise BenchError(f"unknown protocol '{name}'; known: {', '.join(sorted(PROTOCOLS))}, or "
+                         "linf-EPS / l2-EPS (AutoAttack) and linf-EPS-rand / l2-EPS-rand (adaptive)")
     if version:
         try:
             builder = versions[int(version)]
@@ -150,7 +176,5 @@ def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = Fa
     protocol = _custom(config, spec) if custom else _named(config.protocol or default, spec)
     n_examples = config.n_examples if config.n_examples is not None else spec.eval_subset
     if n_examples is not None:
-        from dataclasses import replace
-
         protocol = replace(protocol, n_examples=n_examples)
     return protocol

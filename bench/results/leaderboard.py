@@ -63,11 +63,15 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[s
     attack_cols: dict[str, str] = {}
     radius_cols: dict[str, str] = {}
     imbalanced = False
+    non_adaptive = 0
     for summary in summaries:
         balanced = bool(summary.get("imbalanced"))
         imbalanced |= balanced
+        mark = ""
+        if _randomized_non_adaptive(summary):
+            mark, non_adaptive = " †", non_adaptive + 1
         row: dict[str, Any] = {
-            "defense": summary["defense"],
+            "defense": summary["defense"] + mark,
             "model": _model_label(summary),
             "run_id": summary["run_id"],
             "clean": summary["clean_accuracy"],
@@ -109,7 +113,16 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[s
                *with_ba("robust", "Robust (worst case)"),
                *(Column(k, t, "accuracy") for k, t in radius_cols.items()),
                Column("n", "N", "int"))
-    return Board(dataset, protocol, columns, tuple(rows))
+    note = ("† randomized defense evaluated with a non-adaptive protocol: its robust accuracy is likely "
+            "overestimated" if non_adaptive else "")
+    return Board(dataset, protocol, columns, tuple(rows), note)
+
+
+def _randomized_non_adaptive(summary: dict[str, Any]) -> bool:
+    from bench.harness.protocol import is_adaptive
+
+    info = (summary.get("config") or {}).get("defense_info") or {}
+    return bool(info.get("randomized")) and not is_adaptive(str(summary.get("protocol", "")).split("@")[0])
 
 
 def build_board(store: Store, dataset: str, protocol: str | None = None) -> Board:
@@ -143,7 +156,7 @@ def build_board(store: Store, dataset: str, protocol: str | None = None) -> Boar
     for run in members:  # ordered by id: the latest run of each (defense, model) wins
         latest[(run.defense, run.model_id)] = run
     board = board_from_summaries(dataset, protocol, (run_summary(store, r.id) for r in latest.values()))
-    return Board(board.dataset, board.protocol, board.columns, board.rows, note)
+    return Board(board.dataset, board.protocol, board.columns, board.rows, "; ".join(filter(None, [note, board.note])))
 
 
 # -- renderers (pure) --------------------------------------------------------------------
