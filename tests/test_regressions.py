@@ -170,3 +170,25 @@ def test_result_checks_are_stored_with_the_run(tmp_path):
     run_id = execute(RunConfig(**{**FAST, "n_examples": 16}), store)
     names = {c.name for c in store.checks(run_id)}
     assert {"square_beats_whitebox", "eps_monotone", "zero_gradient"} <= names
+
+
+def test_per_example_broken_by_agrees_with_the_summary(tmp_path):
+    from bench.results.queries import example_outcomes, run_summary
+
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    run_id = execute(RunConfig(defense="standard", dataset="synthetic", epochs=2, n_examples=32,
+                               protocol="pgd"), store)
+    summary = run_summary(store, run_id)
+    records = example_outcomes(store, run_id)
+    n = summary["n_examples"]
+    assert len(records) == n
+    assert sum(r["robust"] for r in records) == round(summary["robust_accuracy"] * n)
+    assert sum(r["clean_correct"] for r in records) == round(summary["clean_accuracy"] * n)
+    for threat in summary["threat_models"]:
+        key = f"{threat['norm']} {threat['eps']:g}"
+        survivors = sum(1 for r in records if r["broken_by"][key] is None)
+        assert survivors == round(threat["robust_accuracy"] * n)
+        assert {r["broken_by"][key] for r in records} <= {None, "clean", "pgd"}
+    csv_out = runner.invoke(app, ["show", str(run_id), "--examples", "--db", store.url])
+    assert csv_out.exit_code == 0 and csv_out.stdout.splitlines()[0].startswith("index,label,clean_correct,robust")
+    assert len(csv_out.stdout.splitlines()) == n + 1

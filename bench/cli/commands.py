@@ -258,13 +258,31 @@ def _list_runs(dataset: str | None, db: str | None, as_json: bool) -> None:
 @user_errors
 def show(
     run_id: Annotated[int, typer.Argument(help="Run id (see `bench list runs`).")],
+    examples: Annotated[bool, typer.Option("--examples", help="Per-example outcomes instead: CSV of index, label, "
+                                           "clean correctness and the attack that broke it per threat model "
+                                           "(JSON with --json).")] = False,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show one stored run: accuracies, checks, provenance."""
     from bench.cli.output import print_json, print_summary, stdout
-    from bench.results.queries import run_summary
+    from bench.results.queries import example_outcomes, run_summary
 
+    if examples:
+        records = example_outcomes(_store(db), run_id)
+        if as_json:
+            print_json(records)
+            return
+        import csv
+        import sys
+
+        threats = list(records[0]["broken_by"]) if records else []
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["index", "label", "clean_correct", "robust", *(f"broken_by {t}" for t in threats)])
+        for r in records:
+            writer.writerow([r["index"], r["label"], int(r["clean_correct"]), int(r["robust"]),
+                             *(r["broken_by"][t] or "" for t in threats)])
+        return
     summary = run_summary(_store(db), run_id)
     if as_json:
         print_json(summary)

@@ -88,3 +88,36 @@ def _short_train_summary(summary: dict[str, Any] | None) -> dict[str, Any] | Non
     if not summary:
         return None
     return {k: summary[k] for k in ("epochs", "steps", "seconds", "final_loss", "final_train_accuracy") if k in summary}
+
+
+def example_outcomes(store: Store, run_id: int) -> list[dict[str, Any]]:
+    """One record per evaluated example: its label, clean correctness and, per threat model,
+    ``broken_by`` (the first attack of the cascade that broke it, ``"clean"`` when the clean
+    prediction is already wrong, ``None`` when it stayed robust)."""
+    from bench.config import format_eps
+    from bench.results.schema import EvalKind
+
+    run = get_run_or_fail(store, run_id)
+    stages, outcomes = _stages_and_outcomes(store, run_id)
+    by_index = {s.id: {o.index: o for o in outcomes.get(s.id, [])} for s in stages}
+    clean = next((s for s in stages if s.kind is EvalKind.CLEAN), None)
+    attacks = [s for s in sorted(stages, key=lambda s: s.position) if s.kind is EvalKind.ATTACK and s.finished]
+    threats = list(dict.fromkeys((s.norm, s.eps) for s in attacks))
+    records = []
+    for index in run.indices or []:
+        row = by_index.get(clean.id, {}).get(index) if clean is not None else None
+        clean_ok = bool(row and row.correct)
+        record: dict[str, Any] = {"index": index, "label": row.label if row else None, "clean_correct": clean_ok,
+                                  "broken_by": {}}
+        for norm, eps in threats:
+            broken: str | None = None if clean_ok else "clean"
+            for stage in (s for s in attacks if (s.norm, s.eps) == (norm, eps)):
+                if broken is not None:
+                    break
+                outcome = by_index[stage.id].get(index)
+                if outcome is not None and not outcome.correct:
+                    broken = stage.method
+            record["broken_by"][f"{norm} {format_eps(eps or 0.0)}"] = broken
+        record["robust"] = clean_ok and all(v is None for v in record["broken_by"].values())
+        records.append(record)
+    return records
