@@ -38,3 +38,10 @@ class DatasetNotFoundError(BenchError):
 
 class StoreError(BenchError):
     """The result store cannot be opened or is inconsistent."""
+
+
+class AttackNotApplicable(BenchError):
+    """An attack cannot run on this model (too few classes for its loss, a multilabel model...).
+
+    The harness records the stage as skipped, with this message as the reason, and goes on.
+    """

@@ -192,3 +192,22 @@ def test_per_example_broken_by_agrees_with_the_summary(tmp_path):
     csv_out = runner.invoke(app, ["show", str(run_id), "--examples", "--db", store.url])
     assert csv_out.exit_code == 0 and csv_out.stdout.splitlines()[0].startswith("index,label,clean_correct,robust")
     assert len(csv_out.stdout.splitlines()) == n + 1
+
+
+def test_attack_that_cannot_run_on_the_model_is_skipped_with_a_reason(tmp_path):
+    from datafixtures import make_medmnist
+
+    from bench.results.queries import run_summary
+
+    npz = tmp_path / "binarymnist.npz"
+    make_medmnist(npz, kind="binary")
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    config = RunConfig(defense="standard", dataset="medmnist", data_dir=str(npz), epochs=1,
+                       attacks=("apgd-dlr", "pgd"), eps=(0.05,), norm="Linf", n_examples=32)
+    summary = run_summary(store, execute(config, store))
+    assert summary["status"] == "finished"
+    (skipped,) = summary["skipped_attacks"]
+    assert skipped["name"] == "apgd-dlr" and "needs at least 3 classes" in skipped["reason"]
+    assert [a["name"] for a in summary["attacks"]] == ["pgd"]  # the skipped stage counts as nothing
+    assert summary["robust_accuracy"] == summary["attacks"][0]["accuracy"]
+    assert execute(config, store) == summary["run_id"]  # finished: returned as stored

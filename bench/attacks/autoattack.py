@@ -18,8 +18,8 @@ What the adapters do around the library:
   or a debugger) is restored.
 * Class counts: the DLR loss needs the 3 largest logits and the targeted DLR loss 4, so
   ``apgd-dlr`` needs at least 3 classes and ``apgd-t`` at least 4; on smaller models they raise
-  :class:`BenchError` ("needs at least N classes (DLR loss)"): the run stops with that one-line
-  error (recording it as a skipped stage instead is planned with the evaluation protocols). ``fab-t`` has no DLR loss; with 2 classes its single target is the other class, so it
+  :class:`~bench.errors.AttackNotApplicable` ("needs at least N classes (DLR loss)"), which the
+  harness records as a skipped stage with that reason (``skipped_attacks`` in the JSON). ``fab-t`` has no DLR loss; with 2 classes its single target is the other class, so it
   runs. Targeted attacks use ``n_target_classes = min(9, C - 1)`` (AutoAttack's 9 would
   otherwise exceed the classes that exist). ``C`` is the model's ``num_classes`` (looked up on
   the model and its ``.model``), else the width of its logits.
@@ -41,7 +41,7 @@ from torch import nn
 from bench.attacks.base import Attack, AttackInfo, AttackResult
 from bench.attacks.library import _non_negative, _positive_int, num_classes_of, require_single_label
 from bench.config import Norm, ThreatModel
-from bench.errors import BenchError
+from bench.errors import AttackNotApplicable, BenchError
 from bench.registry import register_attack
 
 __all__ = ["APGDCE", "APGDDLR", "APGDT", "FABT", "AutoAttackSuite", "Square", "max_targets"]
@@ -99,7 +99,7 @@ class _PyAutoAttack(Attack):
 
     def _check_classes(self, num_classes: int) -> None:
         if num_classes < self.min_classes:
-            raise BenchError(f"attack '{self.name}' needs at least {self.min_classes} classes ({self.loss_name}); "
+            raise AttackNotApplicable(f"attack '{self.name}' needs at least {self.min_classes} classes ({self.loss_name}); "
                              f"the model has {num_classes}")
 
     def _num_classes(self, model: nn.Module, x: torch.Tensor) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 
 from bench.attacks.base import Attack, AttackInfo, AttackResult
 from bench.config import Norm, ThreatModel
-from bench.errors import BenchError
+from bench.errors import AttackNotApplicable, BenchError
 from bench.registry import register_attack
 
 __all__ = ["CWL2", "FGSM", "MIFGSM", "DeepFool", "num_classes_of", "require_single_label"]
@@ -36,7 +36,7 @@ def require_single_label(model: nn.Module, attack: str) -> None:
 
     task = tasks.task_of(model)
     if task == "multilabel":
-        raise BenchError(f"attack '{attack}' supports multiclass and binary models only, not multilabel ones")
+        raise AttackNotApplicable(f"attack '{attack}' supports multiclass and binary models only, not multilabel ones")
 
 
 def num_classes_of(model: nn.Module) -> int | None:

@@ -21,7 +21,7 @@ from bench.defenses.base import Defense, Recipe
 from bench.harness.device import device_kind, resolve_device
 from bench.harness.progress import Progress
 from bench.harness.protocol import Protocol, resolve_protocol
-from bench.errors import BenchError
+from bench.errors import AttackNotApplicable, BenchError
 from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.results.schema import EvalKind, RunStatus
 from bench.results.store import Store
@@ -402,6 +402,8 @@ class Evaluator:
         attack = ATTACKS.get(spec.attack)(**spec.kwargs)
         ev = self.store.evaluation(self.run_id, position, EvalKind.ATTACK, spec.attack, norm=spec.threat.norm.value,
                                    eps=spec.threat.eps, params=spec.kwargs)
+        if any(e.id == ev and e.skipped for e in self.store.evaluations(self.run_id)):
+            return alive  # recorded as not applicable to this model in an earlier session
         done = self.store.done_indices(ev)
         targets = list(self.index) if self.task == "multilabel" else [e for e in self.index if e in alive]
         with self.progress.task(spec.label, total=len(targets)) as task:
@@ -410,11 +412,16 @@ class Evaluator:
                 if todo:
                     torch.manual_seed(_seed(self.seed, position, number))
                     x, y = self._tensors(todo)
-                    if self.frozen:
-                        with self.model.freeze_randomness():
+                    try:
+                        if self.frozen:
+                            with self.model.freeze_randomness():
+                                result = attack(self.model, x, y, spec.threat)
+                        else:
                             result = attack(self.model, x, y, spec.threat)
-                    else:
-                        result = attack(self.model, x, y, spec.threat)
+                    except AttackNotApplicable as exc:
+                        self.progress.log(f"{spec.label}: skipped ({exc})")
+                        self.store.skip_evaluation(ev, str(exc))
+                        return alive
                     pred, correct_draws, scores = self.score(result.x_adv, y)
                     norms = perturbation_norm(x, result.x_adv, spec.threat.norm)
                     self.forward_passes += result.forward_passes

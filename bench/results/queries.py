@@ -15,7 +15,8 @@ __all__ = ["run_summary"]
 
 def _stages_and_outcomes(store: Store, run_id: int) -> tuple[list[Stage], dict[int, list[Outcome]]]:
     evaluations = store.evaluations(run_id)
-    stages = [Stage(e.id, e.position, e.kind, e.method, e.norm, e.eps, e.finished, e.sigma) for e in evaluations]
+    stages = [Stage(e.id, e.position, e.kind, e.method, e.norm, e.eps, e.finished, e.sigma, e.skipped)
+              for e in evaluations]
     outcomes: dict[int, list[Outcome]] = defaultdict(list)
     for row in store.results([s.id for s in stages]):
         outcomes[row.evaluation_id].append(Outcome(row.example_index, row.correct, row.radius, row.abstained,
@@ -57,6 +58,7 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
         # additions beyond the stable core
         "clean_draws": table["clean_draws"],
         "pending_attacks": table["pending_attacks"],
+        "skipped_attacks": table["skipped_attacks"],
         "task": labels.task,
         "imbalanced": bool(spec.get("imbalanced", False)),
         "balanced_accuracy": table["balanced_accuracy"],
@@ -101,7 +103,8 @@ def example_outcomes(store: Store, run_id: int) -> list[dict[str, Any]]:
     stages, outcomes = _stages_and_outcomes(store, run_id)
     by_index = {s.id: {o.index: o for o in outcomes.get(s.id, [])} for s in stages}
     clean = next((s for s in stages if s.kind is EvalKind.CLEAN), None)
-    attacks = [s for s in sorted(stages, key=lambda s: s.position) if s.kind is EvalKind.ATTACK and s.finished]
+    attacks = [s for s in sorted(stages, key=lambda s: s.position)
+               if s.kind is EvalKind.ATTACK and s.finished and not s.skipped]
     threats = list(dict.fromkeys((s.norm, s.eps) for s in attacks))
     records = []
     for index in run.indices or []:

@@ -109,6 +109,7 @@ class EvaluationRow(Base):
     sigma: Mapped[Optional[float]] = mapped_column(Float)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     finished: Mapped[bool] = mapped_column(Boolean, default=False)
+    skipped: Mapped[Optional[str]] = mapped_column(Text)  # why the attack could not run on this model
     forward_passes: Mapped[int] = mapped_column(Integer, default=0)
     backward_passes: Mapped[int] = mapped_column(Integer, default=0)
 

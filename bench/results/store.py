@@ -218,6 +218,14 @@ class Store:
             ev.backward_passes += backward
             s.commit()
 
+    def skip_evaluation(self, evaluation_id: int, reason: str) -> None:
+        """Mark a stage that cannot run on this model: finished, no rows, with the reason."""
+        with self.session() as s:
+            ev = s.get(EvaluationRow, evaluation_id)
+            assert ev is not None
+            ev.skipped, ev.finished = reason[:1000], True
+            s.commit()
+
     def finish_evaluation(self, evaluation_id: int) -> None:
         with self.session() as s:
             ev = s.get(EvaluationRow, evaluation_id)

@@ -82,6 +82,7 @@ class Stage:
     eps: float | None
     finished: bool = True
     sigma: float | None = None
+    skipped: str | None = None
 
 
 def _fraction(count: int, n: int) -> float | None:
@@ -158,7 +159,9 @@ def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n:
     group_labels: dict[tuple[str | None, float | None], dict[int, list[bool]]] = {}
     attack_stages = sorted((s for s in stages if s.kind is EvalKind.ATTACK), key=lambda s: s.position)
     pending = [{"name": s.method, "norm": s.norm, "eps": s.eps} for s in attack_stages if not s.finished]
-    for stage in (s for s in attack_stages if s.finished):  # an unfinished stage must not count as "broken"
+    skipped = [{"name": s.method, "norm": s.norm, "eps": s.eps, "reason": s.skipped}
+               for s in attack_stages if s.skipped]
+    for stage in (s for s in attack_stages if s.finished and not s.skipped):  # neither counts as "broken"
         key = (stage.norm, stage.eps)
         rows = outcomes.get(stage.id, [])
         alive = groups.get(key, clean_ok) & {o.index for o in rows if o.correct}
@@ -191,6 +194,7 @@ def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n:
         "clean_draws": {"draws": max((o.draws for o in clean_rows), default=1), **draw_scores(clean_rows, n)},
         "attacks": attacks_out,
         "pending_attacks": pending,
+        "skipped_attacks": skipped,
         "threat_models": threats,
         "robust_accuracy": robust,
         "balanced_accuracy": clean_metrics.get("balanced_accuracy"),
