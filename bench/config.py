@@ -160,6 +160,7 @@ class RunConfig:
     eps: tuple[float, ...] = ()
     steps: int | None = None
     restarts: int | None = None
+    draws: int | None = None
     n_examples: int | None = None
     seed: int = 0
     batch_size: int = 128
@@ -184,10 +185,11 @@ class RunConfig:
         for name in self.attacks:
             if name not in ATTACKS:
                 raise ATTACKS.unknown(name)
-        custom = bool(self.attacks or self.eps or self.norm or self.steps is not None or self.restarts is not None)
+        custom = bool(self.attacks or self.eps or self.norm or self.steps is not None or self.restarts is not None
+                      or self.draws is not None)
         if self.protocol is not None and custom:
             raise BenchError(
-                "--protocol cannot be combined with --attack/--norm/--eps/--steps/--restarts; "
+                "--protocol cannot be combined with --attack/--norm/--eps/--steps/--restarts/--draws; "
                 "drop --protocol to run a custom protocol"
             )
         if self.norm is not None:
@@ -196,7 +198,7 @@ class RunConfig:
             parse_eps(eps)
             if self.norm is not None:
                 ThreatModel(parse_norm(self.norm), eps)
-        for name, value, low in (("steps", self.steps, 1), ("restarts", self.restarts, 1),
+        for name, value, low in (("steps", self.steps, 1), ("restarts", self.restarts, 1), ("draws", self.draws, 1),
                                  ("n-examples", self.n_examples, 1), ("batch-size", self.batch_size, 1),
                                  ("epochs", self.epochs, 1), ("image-size", self.image_size, 1)):
             if value is not None and value < low:

@@ -175,3 +175,22 @@ def test_randomized_defense_under_non_adaptive_protocol_is_marked(tmp_path):
     assert "not adaptive" in result.stderr
     board = build_board(Store(db), "synthetic")
     assert board.rows[0]["defense"] == "test-noisy †" and "non-adaptive" in board.note
+
+
+def test_draws_option_sets_r_and_is_validated(tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    cli = CliRunner()
+    out = cli.invoke(app, ["run", "--defense", "test-noisy", "--dataset", "synthetic", "--eps", "0.1", "--steps", "2",
+                           "--draws", "3", "-n", "8", "--db", db, "--json"])
+    assert out.exit_code == 0, out.stderr
+    import json
+
+    summary = json.loads(out.stdout)
+    assert summary["clean_draws"]["draws"] == 3 and summary["attacks"][0]["draws"] in (1, 3)
+    for args, fragment in ((["--draws", "0"], "--draws"), (["--protocol", "pgd", "--draws", "3"], "cannot be combined")):
+        bad = cli.invoke(app, ["run", "--defense", "test-noisy", "--dataset", "synthetic", *args, "--db", db])
+        assert bad.exit_code == 2 and fragment in bad.stderr, bad.stderr

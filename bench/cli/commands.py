@@ -50,6 +50,8 @@ def run(
     eps: Annotated[Optional[list[str]], typer.Option("--eps", help="Custom protocol: eps, e.g. 0.1 or 8/255 (repeatable).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Custom protocol: attack steps.")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Custom protocol: attack restarts.")] = None,
+    draws: Annotated[Optional[int], typer.Option(help="Custom protocol: R, the draws scoring a randomized model "
+                                                 "(default 10).")] = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", "-n", help="Evaluate a seeded subset of this size.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for training, the example subset and attacks.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 128,
@@ -74,7 +76,8 @@ def run(
 
     config = RunConfig(
         defense=defense, dataset=dataset, protocol=protocol, attacks=tuple(attack or ()), norm=norm,
-        eps=tuple(parse_eps(e) for e in (eps or ())), steps=steps, restarts=restarts, n_examples=n_examples,
+        eps=tuple(parse_eps(e) for e in (eps or ())), steps=steps, restarts=restarts, draws=draws,
+        n_examples=n_examples,
         seed=seed, batch_size=batch_size, device=device, recipe=recipe, epochs=epochs,
         checkpoint=str(checkpoint) if checkpoint is not None else None,
         data_dir=str(data_dir) if data_dir is not None else None, image_size=image_size, split=split,

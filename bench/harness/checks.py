@@ -77,10 +77,18 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return CheckResult("zero_gradient", zero > 0, detail)
 
 
+def check_input_range(x: torch.Tensor) -> CheckResult:
+    """Inputs must be images in [0, 1]: eps and radii are only meaningful in that pixel space."""
+    lo, hi = float(x.min()), float(x.max())
+    bad = not (0.0 <= lo and hi <= 1.0) or bool(torch.isnan(x).any())
+    return CheckResult("input_range", bad, f"inputs span [{lo:.4g}, {hi:.4g}]" +
+                       ("; normalization belongs inside the model" if bad else ""))
+
+
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, declared_randomized: bool) -> list[CheckResult]:
     was_training = model.training
     try:
-        results = [check_train_mode(model, x)]
+        results = [check_input_range(x), check_train_mode(model, x)]
         results.append(check_randomness(model, x, declared_randomized))
         results.extend(check_logits(model, x))
         results.append(check_zero_gradients(model, x, y))

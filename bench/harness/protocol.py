@@ -161,8 +161,10 @@ def _custom(config: RunConfig, spec: DatasetSpec) -> Protocol:
     if config.restarts is not None:
         params["restarts"] = config.restarts
     attacks = tuple(AttackSpec(a, t, tuple(sorted(params.items()))) for t in threats for a in (config.attacks or ("pgd",)))
-    digest = stable_hash([a.to_dict() for a in attacks], 8)
-    return Protocol(f"custom-{digest}", 1, attacks, description="custom protocol from command-line options")
+    draws = config.draws if config.draws is not None else Protocol.draws
+    digest = stable_hash([[a.to_dict() for a in attacks], draws], 8)
+    return Protocol(f"custom-{digest}", 1, attacks, draws=draws,
+                    description="custom protocol from command-line options")
 
 
 def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = False) -> Protocol:
@@ -171,7 +173,7 @@ def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = Fa
     Without ``--protocol``, a deterministic defense gets ``pgd`` and a randomized one ``adaptive``.
     """
     custom = bool(config.attacks or config.eps or config.norm or config.steps is not None
-                  or config.restarts is not None)
+                  or config.restarts is not None or config.draws is not None)
     default = DEFAULT_RANDOMIZED_PROTOCOL if randomized else DEFAULT_PROTOCOL
     protocol = _custom(config, spec) if custom else _named(config.protocol or default, spec)
     n_examples = config.n_examples if config.n_examples is not None else spec.eval_subset
