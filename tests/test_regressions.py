@@ -131,7 +131,7 @@ def test_wrapped_attack_norm_is_checked_before_training():
 
     spec = AttackSpec("eot", ThreatModel("L2", 0.5), (("attack", "fgsm"),))
     with pytest.raises(BenchError, match="'fgsm' does not support the L2 norm"):
-        check_attacks(Protocol("x", 1, (spec,)))
+        check_attacks(Protocol("x", 1, (spec,)).attacks)
 
 
 def test_same_attack_twice_keeps_two_leaderboard_columns():

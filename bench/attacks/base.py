@@ -128,6 +128,15 @@ class Attack:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))
         return f"{type(self).__name__}({args})"
 
+    def require_norm(self, norm: Norm) -> None:
+        """Raise :class:`BenchError` unless this attack, and any attack it wraps (``inner``), supports ``norm``."""
+        attack: Attack | None = self
+        while attack is not None:
+            if norm not in attack.info.norms:
+                supported = ", ".join(n.value for n in attack.info.norms)
+                raise BenchError(f"attack '{attack.name}' does not support the {norm.value} norm (supports {supported})")
+            attack = getattr(attack, "inner", None)
+
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
         """Return candidate adversarial examples for ``x`` (need not respect the threat model)."""
         raise NotImplementedError
@@ -137,9 +146,7 @@ class Attack:
 
         task = tasks.task_of(model)
         check_inputs(x, y, task)
-        if threat.norm not in self.info.norms:
-            supported = ", ".join(n.value for n in self.info.norms)
-            raise BenchError(f"attack '{self.name}' does not support the {threat.norm.value} norm (supports {supported})")
+        self.require_norm(threat.norm)
         y = y.long()  # torchattacks' losses need int64 labels
         counter = PassCounter(model)
         modes = [(m, m.training) for m in model.modules()]  # restored per module (e.g. frozen BatchNorm)

@@ -90,8 +90,6 @@ class EOT(Attack):
             raise BenchError(f"eot wraps gradient attacks; '{self.params['attack']}' needs no gradients")
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
-        if threat.norm not in self.inner.info.norms:
-            raise BenchError(f"attack '{self.inner.name}' does not support the {threat.norm.value} norm")
         chunk = int(self.params["chunk"]) if self.params["chunk"] is not None else None
         expected = ExpectationModel(model, int(self.params["draws"]), chunk).eval()
         return self.inner.run(expected, x, y, threat)
@@ -153,7 +151,5 @@ class BPDA(Attack):
         self.inner = _inner(str(self.params["attack"]), self.params["params"])
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
-        if threat.norm not in self.inner.info.norms:
-            raise BenchError(f"attack '{self.inner.name}' does not support the {threat.norm.value} norm")
         with bpda_applied(model):
             return self.inner.run(model, x, y, threat)

@@ -94,7 +94,7 @@ def run(
         from bench.harness.progress import RichProgress
 
         progress = RichProgress(stderr)
-    run_id = execute(config, store, progress)
+    run_id = execute(resolved, store, progress)
     summary = run_summary(store, run_id)
     from bench.cli.output import warn
     from bench.harness.protocol import is_adaptive

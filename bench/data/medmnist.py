@@ -72,9 +72,19 @@ class MedMNIST(Dataset):
         return data
 
     def resolve_spec(self, root: str | os.PathLike[str] | None = None) -> DatasetSpec:
+        """The spec read from the file (task, classes, mean/std of its training images); computed
+        once per file version, since ``load`` needs it again."""
         if root is None:
             return self.spec
         path = self._file(Path(root))
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        cache = self.__dict__.setdefault("_specs", {})
+        if key not in cache:
+            cache[key] = self._spec_from(path)
+        return cache[key]
+
+    def _spec_from(self, path: Path) -> DatasetSpec:
         data = self._read(path)
         labels = np.concatenate([data[f"{s}_labels"] for s in ("train", "val", "test")])
         train = data["train_images"]

@@ -15,7 +15,7 @@ from typing import Any
 from bench.config import AttackSpec
 from bench.errors import BenchError, CheckpointError
 from bench.harness.progress import Progress
-from bench.registry import ATTACKS, DATASETS, DEFENSES
+from bench.registry import DATASETS, DEFENSES
 from bench.results.schema import EvalKind, RunStatus
 from bench.results.store import Store
 
@@ -38,7 +38,7 @@ def _still_robust(store: Store, run_id: int, spec: AttackSpec, position: int) ->
     for ev in store.evaluations(run_id):
         same_threat = ev.norm == spec.threat.norm.value and ev.eps == spec.threat.eps
         if ev.kind is EvalKind.CLEAN or (ev.kind is EvalKind.ATTACK and same_threat and ev.position < position):
-            correct = {r.example_index for r in store.results([ev.id]) if r.correct}
+            correct = store.correct_indices(ev.id)
             alive = correct if alive is None else alive & correct
     return alive or set()
 
@@ -75,7 +75,7 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
     import torch
 
     from bench.harness.device import resolve_device
-    from bench.harness.runner import Evaluator
+    from bench.harness.runner import Evaluator, check_attacks
 
     from bench.results.queries import get_run_or_fail
 
@@ -83,12 +83,7 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
     run = get_run_or_fail(store, run_id)
     if run.status is not RunStatus.FINISHED:
         raise BenchError(f"run {run_id} is {run.status.value}; finish it first by re-running its command")
-    attack_cls = ATTACKS.get(spec.attack)
-    attack_cls(**spec.kwargs)  # validates the name and parameters before any work
-    if spec.threat.norm not in attack_cls.info.norms:
-        supported = ", ".join(n.value for n in attack_cls.info.norms)
-        raise BenchError(f"attack '{spec.attack}' does not support the {spec.threat.norm.value} norm "
-                         f"(supports {supported})")
+    check_attacks([spec])  # name, parameters and norm, before any work
     position, finished = _stage_position(store, run_id, spec)
     if finished:
         return run_id

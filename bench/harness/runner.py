@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,27 +121,23 @@ def resolve(config: RunConfig) -> ResolvedRun:
     return ResolvedRun(**{**partial.__dict__, "key": stable_hash(partial.to_dict(), 32)})
 
 
-def execute(config: RunConfig, store: Store, progress: Progress | None = None) -> int:
-    """Run (or resume, or look up) the evaluation ``config`` describes; return the run id."""
-    resolved = resolve(config)
+def execute(config: RunConfig | ResolvedRun, store: Store, progress: Progress | None = None) -> int:
+    """Run (or resume, or look up) the evaluation ``config`` describes; return the run id.
+
+    ``config`` may already be resolved (the CLI resolves before it opens the store)."""
+    resolved = config if isinstance(config, ResolvedRun) else resolve(config)
     existing = store.find_run(resolved.key)
     if existing is not None and existing.status is RunStatus.FINISHED:
         return existing.id
     progress = progress or Progress()
-    check_attacks(resolved.protocol)  # before any training: a bad attack parameter is a user error
+    check_attacks(resolved.protocol.attacks)  # before any training: a bad attack parameter is a user error
     return _execute(resolved, store, progress, existing.id if existing is not None else None)
 
 
-def check_attacks(protocol: Protocol) -> None:
-    """Instantiate every attack of ``protocol`` (validating its parameters) and check its norm."""
-    for spec in protocol.attacks:
-        attack = ATTACKS.get(spec.attack)(**spec.kwargs)
-        while attack is not None:  # wrappers (eot, bpda) hold their inner attack in ``inner``
-            if spec.threat.norm not in attack.info.norms:
-                supported = ", ".join(n.value for n in attack.info.norms)
-                raise BenchError(f"attack '{attack.name}' does not support the {spec.threat.norm.value} norm "
-                                 f"(supports {supported})")
-            attack = getattr(attack, "inner", None)
+def check_attacks(specs: Iterable[AttackSpec]) -> None:
+    """Instantiate every attack (validating its parameters) and check its norm, wrapped attacks included."""
+    for spec in specs:
+        ATTACKS.get(spec.attack)(**spec.kwargs).require_norm(spec.threat.norm)
 
 
 def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: int | None) -> int:
@@ -366,9 +362,6 @@ class Evaluator:
             rows.append(row)
         return rows
 
-    def _correct(self, evaluation_id: int) -> set[int]:
-        return {r.example_index for r in self.store.results([evaluation_id]) if r.correct}
-
     def clean(self) -> set[int]:
         """Clean predictions for every example; returns the indices classified correctly."""
         import torch
@@ -387,7 +380,7 @@ class Evaluator:
                                            forward=self.draws * len(x))
                 task.advance(len(examples))
         self.store.finish_evaluation(ev)
-        return self._correct(ev)
+        return self.store.correct_indices(ev)
 
     def attack(self, position: int, spec: AttackSpec, alive: set[int]) -> set[int]:
         """Attack the still-robust examples ``alive``; returns those that survive.
@@ -431,4 +424,4 @@ class Evaluator:
                                            backward=result.backward_passes)
                 task.advance(len(examples))
         self.store.finish_evaluation(ev)
-        return alive & self._correct(ev)
+        return alive & self.store.correct_indices(ev)

@@ -246,6 +246,13 @@ class Store:
                                   .where(ExampleResultRow.evaluation_id.in_(list(evaluation_ids)))
                                   .order_by(ExampleResultRow.evaluation_id, ExampleResultRow.example_index)))
 
+    def correct_indices(self, evaluation_id: int) -> set[int]:
+        """Indices of the examples this evaluation stored as correct."""
+        with self.session() as s:
+            return set(s.scalars(select(ExampleResultRow.example_index)
+                                 .where(ExampleResultRow.evaluation_id == evaluation_id,
+                                        ExampleResultRow.correct.is_(True))))
+
     def count_results(self, evaluation_id: int) -> int:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(ExampleResultRow)
