@@ -45,6 +45,15 @@ def write_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, sou
     importlib.invalidate_caches()
 
 
+def install_holder(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: object) -> types.ModuleType:
+    """An importable in-memory module holding ``attrs`` (the base class, a registry) for plugin modules."""
+    holder = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(holder, key, value)
+    monkeypatch.setitem(sys.modules, name, holder)
+    return holder
+
+
 # -- registration ----------------------------------------------------------------------------
 def test_decorator_registers_and_returns_class_unchanged(reg: Registry) -> None:
     class A(Thing):
@@ -124,9 +133,7 @@ def test_base_given_as_string_is_resolved() -> None:
 # -- lazy entries ----------------------------------------------------------------------------
 def test_lazy_entry_imported_only_on_get(reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          module_name: str) -> None:
-    holder = types.ModuleType(f"{module_name}_base")
-    holder.Thing = Thing
-    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    holder = install_holder(monkeypatch, f"{module_name}_base", Thing=Thing)
     write_module(tmp_path, monkeypatch, module_name, f"""
         from {holder.__name__} import Thing
 
@@ -149,10 +156,7 @@ def test_lazy_entry_imported_only_on_get(reg: Registry, tmp_path: Path, monkeypa
 
 def test_lazy_entry_whose_module_registers_itself(reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   module_name: str) -> None:
-    holder = types.ModuleType(f"{module_name}_holder")
-    holder.REG = reg
-    holder.Thing = Thing
-    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    holder = install_holder(monkeypatch, f"{module_name}_holder", Thing=Thing, REG=reg)
     write_module(tmp_path, monkeypatch, module_name, f"""
         from {holder.__name__} import REG, Thing
 
@@ -170,10 +174,7 @@ def test_lazy_entry_whose_module_registers_itself(reg: Registry, tmp_path: Path,
 
 def test_lazy_entry_whose_module_registers_a_different_class_raises(
         reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module_name: str) -> None:
-    holder = types.ModuleType(f"{module_name}_holder")
-    holder.REG = reg
-    holder.Thing = Thing
-    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    holder = install_holder(monkeypatch, f"{module_name}_holder", Thing=Thing, REG=reg)
     write_module(tmp_path, monkeypatch, module_name, f"""
         from {holder.__name__} import REG, Thing
 
@@ -239,9 +240,7 @@ def test_unknown_name_without_close_match_lists_known(reg: Registry) -> None:
 # -- entry-point plugins ---------------------------------------------------------------------
 def test_entry_point_plugin_is_listed_and_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    module_name: str) -> None:
-    holder = types.ModuleType(f"{module_name}_base")
-    holder.Thing = Thing
-    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    holder = install_holder(monkeypatch, f"{module_name}_base", Thing=Thing)
     write_module(tmp_path, monkeypatch, module_name, f"""
         from {holder.__name__} import Thing
 
@@ -271,9 +270,7 @@ def test_entry_point_plugin_is_listed_and_loadable(tmp_path: Path, monkeypatch: 
 # runs/models rows and uses it in the model-cache key and checkpoint file name.
 def test_entry_point_plugin_learns_its_registry_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      module_name: str) -> None:
-    holder = types.ModuleType(f"{module_name}_base")
-    holder.Thing = Thing
-    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    holder = install_holder(monkeypatch, f"{module_name}_base", Thing=Thing)
     write_module(tmp_path, monkeypatch, module_name, f"""
         from {holder.__name__} import Thing
 
@@ -288,9 +285,7 @@ def test_entry_point_plugin_learns_its_registry_name(tmp_path: Path, monkeypatch
 
 def test_lazy_entry_learns_its_registry_name(reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              module_name: str) -> None:
-    holder = types.ModuleType(f"{module_name}_base")
-    holder.Thing = Thing
-    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    holder = install_holder(monkeypatch, f"{module_name}_base", Thing=Thing)
     write_module(tmp_path, monkeypatch, module_name, f"""
         from {holder.__name__} import Thing
 
