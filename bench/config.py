@@ -161,6 +161,7 @@ class RunConfig:
     steps: int | None = None
     restarts: int | None = None
     draws: int | None = None
+    attack_params: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # --attack-param key=value
     n_examples: int | None = None
     seed: int = 0
     batch_size: int = 128
@@ -174,6 +175,12 @@ class RunConfig:
     download: bool = False
     hparams: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
+    @property
+    def custom(self) -> bool:
+        """Whether the options describe a custom protocol (rather than a named one)."""
+        return bool(self.attacks or self.eps or self.norm or self.steps is not None or self.restarts is not None
+                    or self.draws is not None or self.attack_params)
+
     def validate(self) -> RunConfig:
         """Check every field and cross-field rule; raise :class:`BenchError` on the first problem."""
         from bench.registry import ATTACKS, DATASETS, DEFENSES
@@ -185,11 +192,9 @@ class RunConfig:
         for name in self.attacks:
             if name not in ATTACKS:
                 raise ATTACKS.unknown(name)
-        custom = bool(self.attacks or self.eps or self.norm or self.steps is not None or self.restarts is not None
-                      or self.draws is not None)
-        if self.protocol is not None and custom:
+        if self.protocol is not None and self.custom:
             raise BenchError(
-                "--protocol cannot be combined with --attack/--norm/--eps/--steps/--restarts/--draws; "
+                "--protocol cannot be combined with --attack/--attack-param/--norm/--eps/--steps/--restarts/--draws; "
                 "drop --protocol to run a custom protocol"
             )
         if self.norm is not None:
@@ -223,6 +228,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["hparams"] = dict(self.hparams)
+        out["attack_params"] = dict(self.attack_params)
         return out
 
     @classmethod

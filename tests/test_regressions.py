@@ -82,6 +82,8 @@ def test_failed_sessions_still_count_their_passes(tmp_path, monkeypatch):
     original = PGD.run
 
     def crash_second(self, *args):
+        if args[-1].eps == 0.5:  # the large_eps sanity check's PGD does not count
+            return original(self, *args)
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("boom")

@@ -24,12 +24,13 @@ def _store(db: str | None, create: bool = False) -> Any:
     return Store(db, create=create)
 
 
-def _parse_hparams(items: list[str]) -> tuple[tuple[str, Any], ...]:
+def _parse_hparams(items: list[str], option: str = "--hparam") -> tuple[tuple[str, Any], ...]:
+    """``key=value`` pairs; values are JSON when they parse (numbers, lists, mappings), else strings."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise BenchError(f"invalid --hparam '{item}'; use key=value")
+            raise BenchError(f"invalid {option} '{item}'; use key=value")
         try:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
@@ -50,6 +51,9 @@ def run(
     eps: Annotated[Optional[list[str]], typer.Option("--eps", help="Custom protocol: eps, e.g. 0.1 or 8/255 (repeatable).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Custom protocol: attack steps.")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Custom protocol: attack restarts.")] = None,
+    attack_param: Annotated[Optional[list[str]], typer.Option(
+        "--attack-param", help="Custom protocol: attack parameter key=value (JSON value, repeatable); a key the "
+        "attack does not take goes to the attack it wraps (eot, bpda), e.g. draws=8 steps=5.")] = None,
     draws: Annotated[Optional[int], typer.Option(help="Custom protocol: R, the draws scoring a randomized model "
                                                  "(default 10).")] = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", "-n", help="Evaluate a seeded subset of this size.")] = None,
@@ -65,6 +69,9 @@ def run(
     download: Annotated[bool, typer.Option("--download", help="Let datasets that support it (CIFAR) download "
                                            "their files (needs internet).")] = False,
     hparam: Annotated[Optional[list[str]], typer.Option("--hparam", help="Defense hyperparameter key=value (repeatable).")] = None,
+    escalate: Annotated[bool, typer.Option("--escalate", help="After the protocol, run the standard remedy of every "
+                                           "triggered check (EOT, BPDA, more Square queries) as extra stages; "
+                                           "both results are stored.")] = False,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -77,7 +84,7 @@ def run(
     config = RunConfig(
         defense=defense, dataset=dataset, protocol=protocol, attacks=tuple(attack or ()), norm=norm,
         eps=tuple(parse_eps(e) for e in (eps or ())), steps=steps, restarts=restarts, draws=draws,
-        n_examples=n_examples,
+        attack_params=_parse_hparams(attack_param or [], "--attack-param"), n_examples=n_examples,
         seed=seed, batch_size=batch_size, device=device, recipe=recipe, epochs=epochs,
         checkpoint=str(checkpoint) if checkpoint is not None else None,
         data_dir=str(data_dir) if data_dir is not None else None, image_size=image_size, split=split,
@@ -95,6 +102,12 @@ def run(
 
         progress = RichProgress(stderr)
     run_id = execute(resolved, store, progress)
+    if escalate:
+        from bench.cli.output import stderr
+        from bench.harness.escalate import escalate as run_remedies
+        from bench.harness.progress import RichProgress
+
+        run_remedies(store, run_id, progress or RichProgress(stderr), resolved.config.device)
     summary = run_summary(store, run_id)
     from bench.cli.output import warn
     from bench.harness.protocol import is_adaptive
@@ -126,6 +139,9 @@ def attack(
                                                      "[default: the run's eps for the norm].", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Attack steps.")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Attack restarts.")] = None,
+    attack_param: Annotated[Optional[list[str]], typer.Option(
+        "--attack-param", help="Attack parameter key=value (JSON value, repeatable); a key the attack does not "
+        "take goes to the attack it wraps (eot, bpda).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     db: DbOpt = None,
     as_json: JsonOpt = False,
@@ -137,11 +153,19 @@ def attack(
 
     store = _store(db)
     run = get_run_or_fail(store, run_id)
-    params = tuple(sorted({k: v for k, v in (("steps", steps), ("restarts", restarts)) if v is not None}.items()))
     for value, label in ((steps, "steps"), (restarts, "restarts")):
         if value is not None and value < 1:
             raise BenchError(f"invalid --{label} {value}: must be >= 1")
+    from bench.harness.protocol import route_params
     from bench.registry import ATTACKS
+
+    overrides = dict(_parse_hparams(attack_param or [], "--attack-param"))
+    overrides.update({k: v for k, v in (("steps", steps), ("restarts", restarts)) if v is not None})
+    routed, used = route_params(name, overrides)
+    if set(overrides) - used:
+        raise BenchError(f"attack '{name}' takes no parameter(s) {', '.join(sorted(set(overrides) - used))}; "
+                         "see `bench list attacks`")
+    params = tuple(sorted(routed.items()))
 
     supported = ATTACKS.get(name).info.norms
     run_threats = [(parse_norm(a["norm"]), a["eps"]) for a in run.config["protocol"]["attacks"]]

@@ -73,6 +73,11 @@ def print_summary(summary: dict[str, Any], *, stored: bool = False) -> None:
     triggered = [c for c in summary["checks"] if c["triggered"]]
     for check in triggered:
         stdout.print(f"[yellow]check {check['name']}:[/yellow] {check['detail']}", markup=True)
+    escalation = summary.get("escalation")
+    if escalation:
+        checks = ", ".join(dict.fromkeys(s["check"] for s in escalation["stages"]))
+        stdout.print(f"escalation ({checks}): robust accuracy {_pct(escalation['robust_accuracy_before'])} with the "
+                     f"protocol's attacks, {_pct(escalation['robust_accuracy_after'])} with the remedies")
     status = summary.get("status")
     note = "stored result, returned without recomputing" if stored else f"status {status}"
     if status != "finished":

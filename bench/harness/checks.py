@@ -85,13 +85,55 @@ def check_input_range(x: torch.Tensor) -> CheckResult:
                        ("; normalization belongs inside the model" if bad else ""))
 
 
+LARGE_EPS = 0.5  # Linf: half the pixel range; every image can be pushed to a uniform mid-grey one
+LARGE_EPS_MAX_ACCURACY = 0.10  # accuracy left above this at LARGE_EPS means the attack is not working
+
+
+def check_large_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, randomized: bool,
+                    eps: float = LARGE_EPS, steps: int = 20, max_examples: int = 32) -> CheckResult:
+    """PGD (EOT-PGD for randomized models) at Linf ``eps`` = 0.5 must drive accuracy near zero.
+
+    At that budget the attacker can reach a uniform mid-grey image from every input, so a model
+    that keeps more than 10 % accuracy is almost certainly masking gradients (or the attack is
+    broken for it), not robust. Runs on up to ``max_examples`` clean-correct examples, seeded,
+    without touching the global random state.
+    """
+    from bench import tasks
+    from bench.config import Norm, ThreatModel
+    from bench.registry import ATTACKS
+
+    task = tasks.task_of(model)
+    with torch.no_grad():
+        correct = tasks.correct(tasks.predict(model(x), task), y, task)
+    keep = torch.nonzero(correct).flatten()[:max_examples]
+    if len(keep) == 0:
+        return CheckResult("large_eps", False, "no clean-correct example to attack")
+    params = {"steps": steps, "restarts": 1}
+    attack = (ATTACKS.get("eot")(attack="pgd", params=params, draws=8) if randomized
+              else ATTACKS.get("pgd")(**params))
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        result = attack(model, x[keep], y[keep], ThreatModel(Norm.LINF, eps))
+    accuracy = 1.0 - float(result.success.float().mean())
+    bad = accuracy > LARGE_EPS_MAX_ACCURACY
+    name = "EOT-PGD" if randomized else "PGD"
+    detail = (f"{name}-{steps} at Linf {eps:g} leaves {100 * accuracy:.1f}% of {len(keep)} clean-correct examples "
+              "correct" + (f" (expected <= {100 * LARGE_EPS_MAX_ACCURACY:.0f}%): gradients look masked or "
+                           "obfuscated; use BPDA, EOT or Square (--escalate)" if bad else ""))
+    return CheckResult("large_eps", bad, detail)
+
+
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, declared_randomized: bool) -> list[CheckResult]:
     was_training = model.training
     try:
         results = [check_input_range(x), check_train_mode(model, x)]
-        results.append(check_randomness(model, x, declared_randomized))
+        randomness = check_randomness(model, x, declared_randomized)
+        results.append(randomness)
         results.extend(check_logits(model, x))
         results.append(check_zero_gradients(model, x, y))
+        model.eval()  # randomized as declared, or undeclared randomness found: attack with EOT
+        results.append(check_large_eps(model, x, y, randomized=declared_randomized or randomness.triggered))
     finally:
         model.train(was_training)
     return results

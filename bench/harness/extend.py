@@ -70,8 +70,12 @@ def _load_model(store: Store, run: Any, config: dict[str, Any]) -> Any:
 
 
 def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress | None = None,
-               device: str = "auto") -> int:
-    """Run ``spec`` on stored run ``run_id``; returns the run id. See the module docstring."""
+               device: str = "auto", escalated_for: str | None = None, draws: int | None = None) -> int:
+    """Run ``spec`` on stored run ``run_id``; returns the run id. See the module docstring.
+
+    ``escalated_for`` records the sanity check whose remedy this stage is (``--escalate``);
+    ``draws`` overrides R, the fresh draws scoring each adversarial example (by default the
+    run's R for randomized models, 1 otherwise)."""
     import torch
 
     from bench.harness.device import resolve_device
@@ -101,7 +105,8 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
                          "cannot extend it faithfully")
     torch_device = torch.device(resolve_device(device))
     model.to(torch_device)
-    draws = int(config["protocol"].get("draws", 10)) if getattr(model, "randomized", False) else 1
+    if draws is None:
+        draws = int(config["protocol"].get("draws", 10)) if getattr(model, "randomized", False) else 1
     evaluator = Evaluator(store, run_id, model, data, torch_device, int(config["batch_size"]), int(config["seed"]),
                           draws, progress, frozen=bool(config["protocol"].get("frozen", False)))
     alive = _still_robust(store, run_id, spec, position)
@@ -110,7 +115,8 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
     finally:  # interrupted sessions count too
         store.add_run_cost(run_id, time.perf_counter() - started, evaluator.forward_passes,
                            evaluator.backward_passes)
-    extra = list(config.get("extra_attacks", [])) + [{**spec.to_dict(), "position": position}]
+    entry = {**spec.to_dict(), "position": position, **({"escalated_for": escalated_for} if escalated_for else {})}
+    extra = [e for e in config.get("extra_attacks", []) if e.get("position") != position] + [entry]
     store.update_run(run_id, config={**config, "extra_attacks": extra})
     from bench.harness.runner import record_result_checks
 

@@ -147,6 +147,28 @@ def _named(name: str, spec: DatasetSpec) -> Protocol:
     return builder(spec)
 
 
+def route_params(attack: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """Give each override to the attack if it takes that parameter, else (for wrappers such as
+    ``eot`` and ``bpda``) to the wrapped attack, recursively, inside ``params``.
+
+    Returns the attack's parameters and the override keys some level accepted.
+    """
+    from bench.registry import ATTACKS
+
+    defaults = ATTACKS.get(attack).defaults
+    own = {k: v for k, v in overrides.items() if k in defaults}
+    rest = {k: v for k, v in overrides.items() if k not in defaults}
+    used = set(own)
+    if rest and {"attack", "params"} <= set(defaults):  # a wrapper: pass the rest to the inner attack
+        inner_name = str(own.get("attack", defaults["attack"]))
+        inner_given = dict(own.get("params") or {})
+        inner, inner_used = route_params(inner_name, rest)
+        if inner_used:
+            own["params"] = {**inner_given, **inner}
+            used |= inner_used
+    return own, used
+
+
 def _custom(config: RunConfig, spec: DatasetSpec) -> Protocol:
     norm = parse_norm(config.norm) if config.norm else spec.threat_models[0].norm
     if config.eps:
@@ -155,12 +177,18 @@ def _custom(config: RunConfig, spec: DatasetSpec) -> Protocol:
         threats = tuple(t for t in spec.threat_models if t.norm is norm)
         if not threats:
             raise BenchError(f"dataset '{spec.name}' has no default {norm.value} eps; give --eps")
-    params: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(config.attack_params)
     if config.steps is not None:
-        params["steps"] = config.steps
+        overrides["steps"] = config.steps
     if config.restarts is not None:
-        params["restarts"] = config.restarts
-    attacks = tuple(AttackSpec(a, t, tuple(sorted(params.items()))) for t in threats for a in (config.attacks or ("pgd",)))
+        overrides["restarts"] = config.restarts
+    names = config.attacks or ("pgd",)
+    routed = {name: route_params(name, overrides) for name in names}
+    unused = set(overrides) - set().union(*(used for _, used in routed.values()))
+    if unused:
+        raise BenchError(f"no attack of the protocol ({', '.join(names)}) takes the parameter(s) "
+                         f"{', '.join(sorted(unused))}; see `bench list attacks`")
+    attacks = tuple(AttackSpec(a, t, tuple(sorted(routed[a][0].items()))) for t in threats for a in names)
     draws = config.draws if config.draws is not None else Protocol.draws
     digest = stable_hash([[a.to_dict() for a in attacks], draws], 8)
     return Protocol(f"custom-{digest}", 1, attacks, draws=draws,
@@ -172,10 +200,8 @@ def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = Fa
 
     Without ``--protocol``, a deterministic defense gets ``pgd`` and a randomized one ``adaptive``.
     """
-    custom = bool(config.attacks or config.eps or config.norm or config.steps is not None
-                  or config.restarts is not None or config.draws is not None)
     default = DEFAULT_RANDOMIZED_PROTOCOL if randomized else DEFAULT_PROTOCOL
-    protocol = _custom(config, spec) if custom else _named(config.protocol or default, spec)
+    protocol = _custom(config, spec) if config.custom else _named(config.protocol or default, spec)
     n_examples = config.n_examples if config.n_examples is not None else spec.eval_subset
     if n_examples is not None:
         protocol = replace(protocol, n_examples=n_examples)

@@ -83,6 +83,24 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
         "created_at": iso(run.created_at),
         "finished_at": iso(run.finished_at),
         "error": run.error,
+        "escalation": _escalation(stages, outcomes, n, labels, config, table),
+    }
+
+
+def _escalation(stages: list[Stage], outcomes: dict[int, list[Outcome]], n: int, labels: Any,
+                config: dict[str, Any], table: dict[str, Any]) -> dict[str, Any] | None:
+    """Robust accuracy without and with the stages ``--escalate`` added (both results)."""
+    escalated = {int(e["position"]): e["escalated_for"] for e in config.get("extra_attacks", [])
+                 if e.get("escalated_for")}
+    if not escalated:
+        return None
+    before = attack_table([s for s in stages if s.position not in escalated], outcomes, n, labels)
+    return {
+        "stages": [{"position": p, "check": c, "name": next((s.method for s in stages if s.position == p), None)}
+                   for p, c in sorted(escalated.items())],
+        "robust_accuracy_before": before["robust_accuracy"],
+        "robust_accuracy_after": table["robust_accuracy"],
+        "threat_models_before": before["threat_models"],
     }
 
 

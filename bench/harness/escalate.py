@@ -1,0 +1,108 @@
+"""``bench run --escalate``: run the standard remedy of every triggered sanity check.
+
+A triggered check says the protocol's number may be an overestimate; each has a standard
+remedy (docs/checks.md). Escalation runs the remedies as extra attack stages of the stored run,
+exactly like ``bench attack`` (on the examples still robust, so robust accuracy can only go
+down), and records which check asked for each stage. Both results stay in the store: the
+stages of the protocol and their accuracy as before, and the remedy stages after them; the run
+summary's ``escalation`` block gives the robust accuracy without and with the remedies.
+
+Remedies (per threat model of the run's protocol):
+
+* ``randomized`` (outputs change between identical passes, or a declared randomized model does
+  not vary): EOT-PGD (K=20 draws) scored with R fresh draws (the protocol's R, at least 10);
+* ``zero_gradient`` and ``large_eps`` (gradients masked): BPDA-PGD through the model's declared
+  surrogates (wrapped in EOT for randomized models), then Square with 5,000 queries;
+* ``square_beats_whitebox`` (gradients uninformative): BPDA/EOT-PGD as above, then Square with
+  20,000 queries (four times AutoAttack's budget).
+
+The remaining checks (input range, train mode, softmax or non-finite outputs, eps monotonicity)
+point at a broken model or pipeline; no attack fixes them and escalation leaves them alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bench.config import AttackSpec, ThreatModel, parse_norm
+from bench.harness.progress import Progress
+from bench.results.store import Store
+
+__all__ = ["REMEDIES", "Remedy", "escalate", "remedies_for"]
+
+PGD = {"steps": 20, "restarts": 1}
+MIN_DRAWS = 10  # R used to score EOT remedy stages
+
+
+@dataclass(frozen=True)
+class Remedy:
+    check: str
+    description: str
+    square_queries: int | None  # None: no Square stage
+    gradient: bool = True  # a BPDA/EOT-PGD stage
+
+
+REMEDIES: dict[str, Remedy] = {
+    "randomized": Remedy("randomized", "EOT-PGD (K=20) scored with R fresh draws", None),
+    "zero_gradient": Remedy("zero_gradient", "BPDA-PGD (EOT if randomized), then Square 5000 queries", 5000),
+    "large_eps": Remedy("large_eps", "BPDA-PGD (EOT if randomized), then Square 5000 queries", 5000),
+    "square_beats_whitebox": Remedy("square_beats_whitebox", "BPDA-PGD (EOT if randomized), then Square "
+                                    "20000 queries", 20000),
+}
+
+
+def _gradient_stage(threat: ThreatModel, randomized: bool) -> AttackSpec:
+    bpda = {"attack": "pgd", "params": dict(PGD)}
+    if randomized:
+        return AttackSpec("eot", threat, (("attack", "bpda"), ("draws", 20), ("params", bpda)))
+    return AttackSpec("bpda", threat, tuple(sorted(bpda.items())))
+
+
+def remedies_for(triggered: list[str], threats: list[ThreatModel], randomized: bool) -> list[tuple[str, AttackSpec]]:
+    """The remedy stages (check name, attack) for the triggered checks, without duplicates, in a
+    fixed order: gradient attacks before Square, larger Square budgets last."""
+    randomized = randomized or "randomized" in triggered
+    stages: list[tuple[str, AttackSpec]] = []
+    seen: set[str] = set()
+    for check in sorted(triggered, key=lambda c: (REMEDIES[c].square_queries or 0) if c in REMEDIES else 0):
+        remedy = REMEDIES.get(check)
+        if remedy is None:
+            continue
+        for threat in threats:
+            specs = [_gradient_stage(threat, randomized)] if remedy.gradient else []
+            if remedy.square_queries:
+                specs.append(AttackSpec("square", threat, (("n_queries", remedy.square_queries), ("seed", 0))))
+            for spec in specs:
+                key = spec.label + repr(spec.kwargs)
+                if key not in seen:
+                    seen.add(key)
+                    stages.append((check, spec))
+    return stages
+
+
+def escalate(store: Store, run_id: int, progress: Progress | None = None, device: str = "auto") -> list[dict[str, Any]]:
+    """Run the remedies of the stored run's triggered checks; returns what ran (check, attack)."""
+    from bench.harness.extend import add_attack
+    from bench.results.queries import get_run_or_fail
+
+    progress = progress or Progress()
+    run = get_run_or_fail(store, run_id)
+    triggered = [c.name for c in store.checks(run_id) if c.triggered and c.name in REMEDIES]
+    config = run.config or {}
+    threats = list(dict.fromkeys(ThreatModel(parse_norm(a["norm"]), float(a["eps"]))
+                                 for a in config["protocol"]["attacks"]))
+    if not threats:
+        threats = [ThreatModel(parse_norm(t["norm"]), float(t["eps"]))
+                   for t in (config.get("dataset_spec") or {}).get("threat_models", [])]
+    declared = bool((config.get("defense_info") or {}).get("randomized", False))
+    draws = max(int(config["protocol"].get("draws", MIN_DRAWS)), MIN_DRAWS)
+    ran: list[dict[str, Any]] = []
+    for check, spec in remedies_for(triggered, threats, declared):
+        progress.log(f"escalation for check '{check}': {spec.label}")
+        scoring = draws if (declared or "randomized" in triggered) else None
+        add_attack(store, run_id, spec, progress, device, escalated_for=check, draws=scoring)
+        ran.append({"check": check, **spec.to_dict()})
+    if not triggered:
+        progress.log("escalation: no triggered check has a remedy; nothing to run")
+    return ran
