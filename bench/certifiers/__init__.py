@@ -1,0 +1,1 @@
+"""Certifiers: randomized smoothing (CERTIFY/PREDICT), Lipschitz margin, and the certificate audit."""
