@@ -126,6 +126,25 @@ class AttackSpec:
         return {"attack": self.attack, **self.threat.to_dict(), "params": self.kwargs}
 
 
+@dataclass(frozen=True)
+class CertifySpec:
+    """One certifier of a protocol: registry name and keyword parameters."""
+
+    certifier: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def label(self) -> str:
+        return f"certify {self.certifier}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"certifier": self.certifier, "params": self.kwargs}
+
+
 def _canonical(obj: Any) -> Any:
     if isinstance(obj, Enum):
         return obj.value
@@ -162,6 +181,9 @@ class RunConfig:
     restarts: int | None = None
     draws: int | None = None
     attack_params: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # --attack-param key=value
+    certify: tuple[str, ...] = ()  # --certify NAME: certifiers of a custom protocol
+    certify_params: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # --sigma, --n0, ... --certify-param
+    radii: tuple[float, ...] = ()  # the certified-accuracy radius grid [default: the dataset's]
     n_examples: int | None = None
     seed: int = 0
     batch_size: int = 128
@@ -176,14 +198,24 @@ class RunConfig:
     hparams: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     @property
-    def custom(self) -> bool:
-        """Whether the options describe a custom protocol (rather than a named one)."""
+    def attacking(self) -> bool:
+        """Whether attack options were given (a custom protocol's attacks)."""
         return bool(self.attacks or self.eps or self.norm or self.steps is not None or self.restarts is not None
                     or self.draws is not None or self.attack_params)
 
+    @property
+    def certifying(self) -> bool:
+        """Whether certification options were given (a custom protocol's certifiers)."""
+        return bool(self.certify or self.certify_params)
+
+    @property
+    def custom(self) -> bool:
+        """Whether the options describe a custom protocol (rather than a named one)."""
+        return self.attacking or self.certifying
+
     def validate(self) -> RunConfig:
         """Check every field and cross-field rule; raise :class:`BenchError` on the first problem."""
-        from bench.registry import ATTACKS, DATASETS, DEFENSES
+        from bench.registry import ATTACKS, CERTIFIERS, DATASETS, DEFENSES
 
         if self.defense not in DEFENSES:
             raise DEFENSES.unknown(self.defense)
@@ -192,9 +224,15 @@ class RunConfig:
         for name in self.attacks:
             if name not in ATTACKS:
                 raise ATTACKS.unknown(name)
+        for name in self.certify:
+            if name not in CERTIFIERS:
+                raise CERTIFIERS.unknown(name)
+        if any(r < 0 for r in self.radii):
+            raise BenchError(f"invalid --radii {', '.join(map(str, self.radii))}: radii must be >= 0")
         if self.protocol is not None and self.custom:
             raise BenchError(
-                "--protocol cannot be combined with --attack/--attack-param/--norm/--eps/--steps/--restarts/--draws; "
+                "--protocol cannot be combined with --attack/--attack-param/--norm/--eps/--steps/--restarts/--draws "
+                "or --certify/--sigma/--n0/--n-samples/--alpha/--sequential/--certify-param; "
                 "drop --protocol to run a custom protocol"
             )
         if self.norm is not None:
@@ -229,6 +267,7 @@ class RunConfig:
         out = asdict(self)
         out["hparams"] = dict(self.hparams)
         out["attack_params"] = dict(self.attack_params)
+        out["certify_params"] = dict(self.certify_params)
         return out
 
     @classmethod

@@ -98,5 +98,5 @@ def test_remedies_per_check():
     assert (check, spec.attack, dict(spec.params)["draws"]) == ("randomized", "eot", 20)
     stages = remedies_for(["square_beats_whitebox", "zero_gradient"], [threat], True)
     assert [s.attack for _, s in stages] == ["eot", "square", "square"]
-    assert [dict(s.params).get("n_queries") for _, s in stages] == [None, 5000, 20000]
+    assert [dict(s.params).get("n_queries") for _, s in stages] == [None, 5000, 10000]
     assert isinstance(stages[0][1], AttackSpec) and dict(stages[0][1].params)["attack"] == "bpda"

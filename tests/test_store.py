@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from bench.errors import StoreError
 from bench.results.schema import EvalKind, ExampleResultRow, RunStatus
+from bench.results.schema import SCHEMA_VERSION
 from bench.results.store import Store, resolve_url
 
 
@@ -44,9 +45,32 @@ def test_creates_file_and_tables(tmp_path: Path) -> None:
         tables = set(inspect(s.engine).get_table_names())
         assert {"models", "runs", "evaluations", "example_results", "checks", "references", "bench_meta"} <= tables
         with s.engine.connect() as conn:
-            assert conn.execute(text("SELECT value FROM bench_meta WHERE key='schema_version'")).scalar() == "1"
+            assert conn.execute(text("SELECT value FROM bench_meta WHERE key='schema_version'")).scalar() == str(SCHEMA_VERSION)
     finally:
         s.close()
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
+    """Schema 2 added nullable certification columns; a version-1 store keeps its rows and gains them."""
+    url = "sqlite:///" + str(tmp_path / "old.db")
+    s = Store(url)
+    _, run_id = make_run(s)
+    s.close()
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:  # turn it into a version-1 store
+        for column in ("count_a", "bound", "seconds"):
+            conn.execute(text(f"ALTER TABLE example_results DROP COLUMN {column}"))
+        conn.execute(text("UPDATE bench_meta SET value='1' WHERE key='schema_version'"))
+    engine.dispose()
+    s2 = Store(url)
+    try:
+        assert s2.get_run(run_id) is not None
+        columns = {c["name"] for c in inspect(s2.engine).get_columns("example_results")}
+        assert {"count_a", "bound", "seconds"} <= columns
+        with s2.engine.connect() as conn:
+            assert conn.execute(text("SELECT value FROM bench_meta WHERE key='schema_version'")).scalar() == "2"
+    finally:
+        s2.close()
 
 
 def test_reopening_keeps_data(tmp_path: Path) -> None:

@@ -39,6 +39,26 @@ def _parse_hparams(items: list[str], option: str = "--hparam") -> tuple[tuple[st
     return tuple(sorted(out.items()))
 
 
+def _parse_radii(text: str | None) -> tuple[float, ...]:
+    if text is None:
+        return ()
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise BenchError(f"invalid --radii '{text}'; use comma-separated numbers, e.g. 0,0.25,0.5") from None
+    if not values:
+        raise BenchError("invalid --radii: no radius given")
+    return tuple(sorted(set(values)))
+
+
+def _certify_params(sigma: float | None, n0: int | None, n: int | None, alpha: float | None, sequential: bool,
+                    items: list[str]) -> tuple[tuple[str, Any], ...]:
+    params = dict(_parse_hparams(items, "--certify-param"))
+    named = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "sequential": True if sequential else None}
+    params.update({k: v for k, v in named.items() if v is not None})
+    return tuple(sorted(params.items()))
+
+
 @app.command()
 @user_errors
 def run(
@@ -69,6 +89,25 @@ def run(
     download: Annotated[bool, typer.Option("--download", help="Let datasets that support it (CIFAR) download "
                                            "their files (needs internet).")] = False,
     hparam: Annotated[Optional[list[str]], typer.Option("--hparam", help="Defense hyperparameter key=value (repeatable).")] = None,
+    certify: Annotated[Optional[list[str]], typer.Option("--certify", help="Certifier (repeatable): smoothing, "
+                                                         "lipschitz [default with certification options: the "
+                                                         "defense's own certificates].")] = None,
+    sigma: Annotated[Optional[float], typer.Option(help="smoothing: noise level (pixel units) [default: the "
+                                                   "defense's training sigma].", show_default=False)] = None,
+    n0: Annotated[Optional[int], typer.Option(help="smoothing: selection samples [default 100].",
+                                              show_default=False)] = None,
+    n_samples: Annotated[Optional[int], typer.Option("--n-samples", help="smoothing: estimation samples n "
+                                                     "(the maximum with --sequential); lipschitz: draws of a "
+                                                     "randomized model [default 100000 / 1000].",
+                                                     show_default=False)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Certification failure probability [default 0.001].",
+                                                   show_default=False)] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="smoothing: anytime-valid sequential "
+                                             "certification (stops once the radius grid level is decided).")] = False,
+    radii: Annotated[Optional[str], typer.Option(help="Radius grid for certified accuracy, e.g. 0,0.25,0.5 "
+                                                 "[default: the dataset's].", show_default=False)] = None,
+    certify_param: Annotated[Optional[list[str]], typer.Option(
+        "--certify-param", help="Certifier parameter key=value (JSON value, repeatable), e.g. batch=2000.")] = None,
     escalate: Annotated[bool, typer.Option("--escalate", help="After the protocol, run the standard remedy of every "
                                            "triggered check (EOT, BPDA, more Square queries) as extra stages; "
                                            "both results are stored.")] = False,
@@ -85,6 +124,8 @@ def run(
         defense=defense, dataset=dataset, protocol=protocol, attacks=tuple(attack or ()), norm=norm,
         eps=tuple(parse_eps(e) for e in (eps or ())), steps=steps, restarts=restarts, draws=draws,
         attack_params=_parse_hparams(attack_param or [], "--attack-param"), n_examples=n_examples,
+        certify=tuple(certify or ()), radii=_parse_radii(radii),
+        certify_params=_certify_params(sigma, n0, n_samples, alpha, sequential, certify_param or []),
         seed=seed, batch_size=batch_size, device=device, recipe=recipe, epochs=epochs,
         checkpoint=str(checkpoint) if checkpoint is not None else None,
         data_dir=str(data_dir) if data_dir is not None else None, image_size=image_size, split=split,
@@ -365,3 +406,69 @@ def leaderboard(
     except OSError as exc:
         raise BenchError(f"cannot write {output}: {exc.strerror or exc}") from None
     typer.echo(f"wrote {output}", err=True)
+
+
+class PlotFormat(str, Enum):
+    png = "png"
+    svg = "svg"
+    both = "both"
+
+
+@app.command()
+@user_errors
+def plot(
+    run_ids: Annotated[list[int], typer.Argument(help="Run ids to plot (see `bench list runs`).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path without suffix, or a directory "
+                                                "(a .png or .svg suffix is dropped; --format decides) [default: "
+                                                "bench-plot-<ids> in the current directory].",
+                                                show_default=False)] = None,
+    fmt: Annotated[PlotFormat, typer.Option("--format", "-f", help="File format(s) to write.")] = PlotFormat.both,
+    db: DbOpt = None,
+) -> None:
+    """Plot certified accuracy against L2 radius, one curve per run and certifier, with empirical L2
+    robust accuracy as points; prints the written paths."""
+    from bench.results.plot import FORMATS, curves, draw
+    from bench.results.queries import run_summary
+
+    ids = list(dict.fromkeys(run_ids))
+    store = _store(db)
+    plotted = curves([run_summary(store, run_id) for run_id in ids])
+    default = Path(f"bench-plot-{'-'.join(str(i) for i in ids)}")
+    if out is None:
+        stem = default
+    elif out.is_dir():
+        stem = out / default
+    else:
+        stem = out.with_suffix("") if out.suffix.lower() in (".png", ".svg") else out
+    for path in draw(plotted, stem, FORMATS if fmt is PlotFormat.both else (fmt.value,)):
+        typer.echo(str(path))
+
+
+@app.command()
+@user_errors
+def audit(
+    run_id: Annotated[int, typer.Argument(help="Stored run whose certificates to audit (see `bench list runs`).")],
+    examples: Annotated[int, typer.Option("--examples", help="Examples per audit: the Lipschitz bound is probed "
+                                          "at the first N, each certification stage attacked on its first N "
+                                          "certified examples.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as one JSON list on stdout.")] = False,
+) -> None:
+    """Try to break a run's certificates (declared Lipschitz bound, attacks inside certified radii,
+    certified vs empirical accuracy); stores and prints each check. Exit status 0 even when a check
+    triggers: the outcome is a result."""
+    from bench.certifiers.audit import audit_run
+    from bench.cli.output import stderr, stdout
+    from bench.harness.progress import RichProgress
+
+    if examples < 1:
+        raise BenchError(f"invalid --examples {examples}: must be >= 1")
+    checks = audit_run(_store(db), run_id, progress=RichProgress(stderr), device=device, max_examples=examples)
+    if as_json:
+        from bench.cli.output import print_json
+
+        print_json([{"name": c.name, "triggered": c.triggered, "detail": c.detail} for c in checks])
+        return
+    for check in checks:
+        stdout.print(f"{check.name}: {'TRIGGERED' if check.triggered else 'OK'} - {check.detail}", markup=False)

@@ -73,6 +73,14 @@ def print_summary(summary: dict[str, Any], *, stored: bool = False) -> None:
     triggered = [c for c in summary["checks"] if c["triggered"]]
     for check in triggered:
         stdout.print(f"[yellow]check {check['name']}:[/yellow] {check['detail']}", markup=True)
+    for block in summary.get("certificate", []):
+        used = ", ".join(f"{k}={block[k]:g}" if isinstance(block[k], float) else f"{k}={block[k]}"
+                         for k in ("sigma", "L", "n0", "n", "alpha", "sequential") if block.get(k) is not None)
+        acr = block.get("average_radius")
+        abstain = block.get("abstention_rate")
+        stdout.print(f"certificate {block['certifier']} ({used}): average certified radius "
+                     f"{'-' if acr is None else f'{acr:.3f}'}, abstained {_pct(abstain)}, "
+                     f"{block.get('mean_samples') or 0:,.0f} samples per example")
     escalation = summary.get("escalation")
     if escalation:
         checks = ", ".join(dict.fromkeys(s["check"] for s in escalation["stages"]))

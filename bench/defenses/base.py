@@ -43,6 +43,7 @@ class DefenseInfo:
     randomized: bool = False
     certificates: tuple[str, ...] = ()  # certifier names that apply
     authors_protocol: str | None = None  # protocol name that replays the authors' evaluation
+    default_protocol: str | None = None  # protocol a run gets without --protocol (None: pgd, or adaptive)
     url: str = ""
     summary: str = ""
 

@@ -14,7 +14,7 @@ Remedies (per threat model of the run's protocol):
 * ``zero_gradient`` and ``large_eps`` (gradients masked): BPDA-PGD through the model's declared
   surrogates (wrapped in EOT for randomized models), then Square with 5,000 queries;
 * ``square_beats_whitebox`` (gradients uninformative): BPDA/EOT-PGD as above, then Square with
-  20,000 queries (four times AutoAttack's budget).
+  10,000 queries (twice AutoAttack's budget; on a CPU this is the expensive remedy).
 
 The remaining checks (input range, train mode, softmax or non-finite outputs, eps monotonicity)
 point at a broken model or pipeline; no attack fixes them and escalation leaves them alone.
@@ -48,7 +48,7 @@ REMEDIES: dict[str, Remedy] = {
     "zero_gradient": Remedy("zero_gradient", "BPDA-PGD (EOT if randomized), then Square 5000 queries", 5000),
     "large_eps": Remedy("large_eps", "BPDA-PGD (EOT if randomized), then Square 5000 queries", 5000),
     "square_beats_whitebox": Remedy("square_beats_whitebox", "BPDA-PGD (EOT if randomized), then Square "
-                                    "20000 queries", 20000),
+                                    "10000 queries", 10000),
 }
 
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from bench.config import AttackSpec, RunConfig, ThreatModel, parse_eps, parse_norm, stable_hash
+from bench.config import AttackSpec, CertifySpec, RunConfig, ThreatModel, parse_eps, parse_norm, stable_hash
 from bench.data.base import DatasetSpec
 from bench.errors import BenchError
 
@@ -29,14 +29,18 @@ class Protocol:
     draws: int = 10  # re-draws used to score a randomized model (deterministic models use 1)
     frozen: bool = False  # attack one frozen draw of the model's randomness (freeze_randomness)
     description: str = ""
+    certifiers: tuple[CertifySpec, ...] = ()  # run after the attacks, on every example
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "attacks": [a.to_dict() for a in self.attacks],
-                "n_examples": self.n_examples, "draws": self.draws, "frozen": self.frozen}
+        out = {"name": self.name, "version": self.version, "attacks": [a.to_dict() for a in self.attacks],
+               "n_examples": self.n_examples, "draws": self.draws, "frozen": self.frozen}
+        if self.certifiers:  # absent for protocols without certification (keeps their run keys)
+            out["certifiers"] = [c.to_dict() for c in self.certifiers]
+        return out
 
 
 def _pgd_v1(spec: DatasetSpec) -> Protocol:
@@ -83,6 +87,13 @@ def _single_draw_v1(spec: DatasetSpec) -> Protocol:
                                 "(not adaptive; for comparison)")
 
 
+def _certify_v1(spec: DatasetSpec) -> Protocol:
+    return Protocol("certify", 1, (), draws=1,
+                    description="clean accuracy and the defense's own certificates (smoothing: n0=100, "
+                                "n=100,000, alpha=0.001, sigma from the defense; lipschitz: the declared bound) "
+                                "at the dataset's radius grid")
+
+
 # name -> {version -> builder}; the highest version is the default
 PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
     "pgd": {1: _pgd_v1},
@@ -91,7 +102,9 @@ PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
     "adaptive": {1: _adaptive_v1},
     "transfer-draw": {1: _transfer_draw_v1},
     "single-draw": {1: _single_draw_v1},
+    "certify": {1: _certify_v1},
 }
+CERTIFY_PROTOCOLS = ("certify",)  # protocols whose certifiers are the defense's declared certificates
 # the protocol a run gets without --protocol: randomized defenses are evaluated adaptively
 DEFAULT_RANDOMIZED_PROTOCOL = "adaptive"
 
@@ -169,7 +182,36 @@ def route_params(attack: str, overrides: dict[str, Any]) -> tuple[dict[str, Any]
     return own, used
 
 
-def _custom(config: RunConfig, spec: DatasetSpec) -> Protocol:
+def _certifiers(config: RunConfig, certificates: tuple[str, ...]) -> tuple[CertifySpec, ...]:
+    """The certifiers a run asks for (``--certify``, else the defense's declared certificates)
+    with the certification options routed to those that take them."""
+    from bench.registry import CERTIFIERS
+
+    names = tuple(CERTIFIERS.normalize(c) for c in config.certify) or certificates
+    if not names:
+        raise BenchError("the defense declares no certificate; choose a certifier with --certify "
+                         "(see `bench list certifiers`)")
+    overrides = dict(config.certify_params)
+    specs = []
+    used: set[str] = set()
+    for name in names:
+        defaults = CERTIFIERS.get(name).defaults
+        own = {k: v for k, v in overrides.items() if k in defaults}
+        used |= set(own)
+        CERTIFIERS.get(name)(**own)  # validates the parameters now, before any training
+        specs.append(CertifySpec(name, tuple(sorted(own.items()))))
+    if set(overrides) - used:
+        raise BenchError(f"no certifier of the protocol ({', '.join(names)}) takes the parameter(s) "
+                         f"{', '.join(sorted(set(overrides) - used))}; see `bench list certifiers`")
+    return tuple(specs)
+
+
+def _custom(config: RunConfig, spec: DatasetSpec, certificates: tuple[str, ...] = ()) -> Protocol:
+    certifiers = _certifiers(config, certificates) if config.certifying else ()
+    if certifiers and not config.attacking:  # certification only
+        digest = stable_hash([[c.to_dict() for c in certifiers]], 8)
+        return Protocol(f"custom-{digest}", 1, (), draws=config.draws or Protocol.draws, certifiers=certifiers,
+                        description="custom protocol from command-line options (certification)")
     norm = parse_norm(config.norm) if config.norm else spec.threat_models[0].norm
     if config.eps:
         threats = tuple(ThreatModel(norm, e) for e in config.eps)
@@ -190,18 +232,29 @@ def _custom(config: RunConfig, spec: DatasetSpec) -> Protocol:
                          f"{', '.join(sorted(unused))}; see `bench list attacks`")
     attacks = tuple(AttackSpec(a, t, tuple(sorted(routed[a][0].items()))) for t in threats for a in names)
     draws = config.draws if config.draws is not None else Protocol.draws
-    digest = stable_hash([[a.to_dict() for a in attacks], draws], 8)
-    return Protocol(f"custom-{digest}", 1, attacks, draws=draws,
+    parts: list[Any] = [[a.to_dict() for a in attacks], draws]
+    if certifiers:
+        parts.append([c.to_dict() for c in certifiers])
+    digest = stable_hash(parts, 8)
+    return Protocol(f"custom-{digest}", 1, attacks, draws=draws, certifiers=certifiers,
                     description="custom protocol from command-line options")
 
 
-def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = False) -> Protocol:
+def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = False,
+                     certificates: tuple[str, ...] = (), default: str | None = None) -> Protocol:
     """The protocol ``config`` asks for: a named one, or a custom one built from its options.
 
-    Without ``--protocol``, a deterministic defense gets ``pgd`` and a randomized one ``adaptive``.
+    Without ``--protocol``, a defense gets its declared ``default`` protocol if any (``certify``
+    for smoothing defenses), else a deterministic one ``pgd`` and a randomized one ``adaptive``.
+    The ``certify`` protocol certifies with the defense's declared ``certificates``.
     """
-    default = DEFAULT_RANDOMIZED_PROTOCOL if randomized else DEFAULT_PROTOCOL
-    protocol = _custom(config, spec) if config.custom else _named(config.protocol or default, spec)
+    default = default or (DEFAULT_RANDOMIZED_PROTOCOL if randomized else DEFAULT_PROTOCOL)
+    if config.custom:
+        protocol = _custom(config, spec, certificates)
+    else:
+        protocol = _named(config.protocol or default, spec)
+        if protocol.name in CERTIFY_PROTOCOLS:
+            protocol = replace(protocol, certifiers=_certifiers(config, certificates))
     n_examples = config.n_examples if config.n_examples is not None else spec.eval_subset
     if n_examples is not None:
         protocol = replace(protocol, n_examples=n_examples)

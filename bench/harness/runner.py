@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bench
-from bench.config import AttackSpec, RunConfig, stable_hash
+from bench.config import AttackSpec, CertifySpec, RunConfig, stable_hash
 from bench.data.base import DatasetSpec
 from bench.defenses.base import Defense, Recipe
 from bench.harness.device import device_kind, resolve_device
@@ -67,7 +67,7 @@ class ResolvedRun:
             "protocol": self.protocol.to_dict(),
             "hparams": self.hparams,
             "image_size": self.image_size,
-            "radii": list(self.spec.radii),
+            "radii": list(self.config.radii or self.spec.radii),
             "data_root": self.data_root,
             "recipe_name": self.recipe_name,
             "recipe": self.recipe.to_dict() if self.recipe else None,
@@ -102,7 +102,9 @@ def resolve(config: RunConfig) -> ResolvedRun:
     if config.split not in spec.splits:
         raise BenchError(f"dataset '{spec.name}' has no split '{config.split}'; splits: {', '.join(spec.splits)}")
     info = getattr(defense, "info", None)
-    protocol = resolve_protocol(config, spec, randomized=bool(getattr(info, "randomized", False)))
+    protocol = resolve_protocol(config, spec, randomized=bool(getattr(info, "randomized", False)),
+                                certificates=tuple(getattr(info, "certificates", ())),
+                                default=getattr(info, "default_protocol", None))
     device = resolve_device(config.device)
     image_size = config.image_size or spec.image_size
     recipe_name: str | None = None
@@ -131,6 +133,7 @@ def execute(config: RunConfig | ResolvedRun, store: Store, progress: Progress | 
         return existing.id
     progress = progress or Progress()
     check_attacks(resolved.protocol.attacks)  # before any training: a bad attack parameter is a user error
+    check_certifiers(resolved.protocol.certifiers, resolved)
     return _execute(resolved, store, progress, existing.id if existing is not None else None)
 
 
@@ -138,6 +141,21 @@ def check_attacks(specs: Iterable[AttackSpec]) -> None:
     """Instantiate every attack (validating its parameters) and check its norm, wrapped attacks included."""
     for spec in specs:
         ATTACKS.get(spec.attack)(**spec.kwargs).require_norm(spec.threat.norm)
+
+
+def check_certifiers(specs: Iterable[CertifySpec], resolved: ResolvedRun | None = None) -> None:
+    """Instantiate every certifier (validating its parameters) and, given the run, let it inspect
+    a freshly built (untrained) model: a model it cannot certify is refused before training."""
+    from bench.registry import CERTIFIERS
+
+    certifiers = [CERTIFIERS.get(spec.certifier)(**spec.kwargs) for spec in specs]
+    if certifiers and resolved is not None:
+        import torch
+
+        with torch.random.fork_rng():
+            probe = resolved.defense.build(resolved.spec, resolved.image_size, **resolved.hparams)
+        for certifier in certifiers:
+            certifier.prepare(probe)
 
 
 def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: int | None) -> int:
@@ -155,6 +173,10 @@ def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: in
     assert test.indices is not None
     idx_hash = indices_hash(test.indices.numpy())
     model, model_id, model_sha = obtain_model(resolved, dataset, store, progress)
+    from bench.registry import CERTIFIERS
+
+    for cert in resolved.protocol.certifiers:  # a model the certifier refuses is refused before any work
+        CERTIFIERS.get(cert.certifier)(**cert.kwargs).prepare(model)
     prov = provenance.collect(device=resolved.device, seed=resolved.config.seed, dataset=resolved.spec.name,
                               indices_hash=idx_hash, checkpoint_sha256=model_sha, data_root=resolved.data_root)
     fields = dict(model_id=model_id, defense=resolved.defense.name, dataset=resolved.spec.name,
@@ -180,6 +202,13 @@ def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: in
         for position, spec in enumerate(resolved.protocol.attacks, start=1):
             group = (spec.threat.norm.value, spec.threat.eps)
             groups[group] = evaluator.attack(position, spec, groups.get(group, alive))
+        radii = tuple(resolved.to_dict()["radii"])
+        for offset, cert in enumerate(resolved.protocol.certifiers, start=len(resolved.protocol.attacks) + 1):
+            evaluator.certify(offset, cert, radii)
+        if resolved.protocol.certifiers:  # protocols that certify audit their certificates (docs/certification.md)
+            from bench.certifiers.audit import audit_run
+
+            audit_run(store, run_id, model=model, data=test, progress=progress, seed=resolved.config.seed)
         record_result_checks(store, run_id)
         store.finish_run(run_id)
     except BaseException as exc:
@@ -299,6 +328,9 @@ def _batches(items: Sequence[int], size: int) -> Iterator[tuple[int, list[int]]]
         yield number, list(items[begin:begin + size])
 
 
+CERTIFY_BATCH = 16  # examples per committed batch of certificates (each may take 100,000 samples)
+
+
 def _seed(*parts: int) -> int:
     return int(stable_hash(list(parts), 12), 16)
 
@@ -381,6 +413,42 @@ class Evaluator:
                 task.advance(len(examples))
         self.store.finish_evaluation(ev)
         return self.store.correct_indices(ev)
+
+    def certify(self, position: int, spec: CertifySpec, radii: Sequence[float] = ()) -> None:
+        """Certify every example (certified accuracy needs them all), a few examples per commit."""
+        import torch
+
+        from bench.registry import CERTIFIERS
+
+        params = spec.kwargs
+        if "radii" in CERTIFIERS.get(spec.certifier).defaults and params.get("radii") is None:
+            params = {**params, "radii": list(radii)}  # the grid a sequential certificate decides
+        certifier = CERTIFIERS.get(spec.certifier)(**params)
+        described = certifier.prepare(self.model)
+        ev = self.store.evaluation(self.run_id, position, EvalKind.CERTIFY, spec.certifier,
+                                   sigma=described.get("sigma"), params={**spec.kwargs, "certificate": described})
+        done = self.store.done_indices(ev)
+        size = max(1, min(self.batch_size, CERTIFY_BATCH))
+        with self.progress.task(spec.label, total=len(self.index)) as task:
+            for number, examples in _batches(self.index, size):
+                todo = [e for e in examples if e not in done]
+                if todo:
+                    torch.manual_seed(_seed(self.seed, position, number))
+                    x, y = self._tensors(todo)
+                    certificates = certifier.certify(self.model, x, y)
+                    rows = []
+                    for k, (ex, cert) in enumerate(zip(todo, certificates)):
+                        label = int(y[k]) if self.task != "multilabel" else None
+                        rows.append({"example_index": ex, "label": label, "prediction": cert.prediction,
+                                     "correct": (not cert.abstained) and cert.prediction == label,
+                                     "radius": cert.radius, "abstained": cert.abstained,
+                                     "samples_used": cert.samples, "count_a": cert.count_a, "bound": cert.bound,
+                                     "seconds": cert.seconds})
+                    samples = sum(c.samples for c in certificates)
+                    self.forward_passes += samples
+                    self.store.add_results(ev, rows, forward=samples)
+                task.advance(len(examples))
+        self.store.finish_evaluation(ev)
 
     def attack(self, position: int, spec: AttackSpec, alive: set[int]) -> set[int]:
         """Attack the still-robust examples ``alive``; returns those that survive.

@@ -33,7 +33,7 @@ FORMATS = ("table", "md", "latex", "csv", "json")
 class Column:
     key: str
     title: str
-    kind: str  # text | accuracy | int
+    kind: str  # text | accuracy | int | radius
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,15 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[s
     attack_cols: dict[str, str] = {}
     radius_cols: dict[str, str] = {}
     imbalanced = False
-    non_adaptive = 0
+    non_adaptive = unsound = 0
     for summary in summaries:
         balanced = bool(summary.get("imbalanced"))
         imbalanced |= balanced
         mark = ""
         if _randomized_non_adaptive(summary):
             mark, non_adaptive = " †", non_adaptive + 1
+        if _unsound_certificate(summary):
+            mark, unsound = mark + " ‡", unsound + 1
         row: dict[str, Any] = {
             "defense": summary["defense"] + mark,
             "model": _model_label(summary),
@@ -95,6 +97,10 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[s
             key = f"certified:{cert['certifier']}@{cert['radius']:g}"
             radius_cols.setdefault(key, f"{cert['certifier']} r={cert['radius']:g}")
             row[key] = cert["accuracy"]
+        for block in summary.get("certificate", []):
+            key = f"acr:{block['certifier']}"
+            radius_cols.setdefault(key, f"{block['certifier']} ACR")
+            row[key] = block.get("average_radius")
         row["n"] = summary["n_examples"]
         rows.append(row)
     rows.sort(key=lambda r: (r.get("robust") is None, -(r.get("robust") or 0.0), -(r.get("clean") or 0.0),
@@ -111,11 +117,19 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[s
                *with_ba("clean", "Clean"),
                *(c for k, t in attack_cols.items() for c in with_ba(k, t)),
                *with_ba("robust", "Robust (worst case)"),
-               *(Column(k, t, "accuracy") for k, t in radius_cols.items()),
+               *(Column(k, t, "radius" if k.startswith("acr:") else "accuracy") for k, t in radius_cols.items()),
                Column("n", "N", "int"))
-    note = ("† randomized defense evaluated with a non-adaptive protocol: its robust accuracy is likely "
-            "overestimated" if non_adaptive else "")
-    return Board(dataset, protocol, columns, tuple(rows), note)
+    notes = [("† randomized defense evaluated with a non-adaptive protocol: its robust accuracy is likely "
+              "overestimated") if non_adaptive else "",
+             "‡ certificate audit failed (bench audit): its certified accuracy is not trustworthy" if unsound else ""]
+    return Board(dataset, protocol, columns, tuple(rows), "; ".join(filter(None, notes)))
+
+
+UNSOUND_CHECKS = ("lipschitz_audit", "certificate_attack", "certified_vs_empirical")
+
+
+def _unsound_certificate(summary: dict[str, Any]) -> bool:
+    return any(c["triggered"] for c in summary.get("checks", []) if c["name"] in UNSOUND_CHECKS)
 
 
 def _randomized_non_adaptive(summary: dict[str, Any]) -> bool:
@@ -167,6 +181,8 @@ def _percent(value: Any) -> str:
 def _cell(column: Column, value: Any) -> str:
     if column.kind == "accuracy":
         return _percent(value)
+    if column.kind == "radius":
+        return "-" if value is None else f"{value:.3f}"
     return "-" if value is None else str(value)
 
 

@@ -8,20 +8,20 @@ from typing import Any
 from bench.errors import BenchError
 from bench.results.schema import RunRow, RunStatus
 from bench.results.store import Store, iso
-from bench.results.summary import Outcome, Stage, attack_table, certified_table, labels_from
+from bench.results.summary import Outcome, Stage, attack_table, certificate_table, certified_table, labels_from
 
 __all__ = ["run_summary"]
 
 
 def _stages_and_outcomes(store: Store, run_id: int) -> tuple[list[Stage], dict[int, list[Outcome]]]:
     evaluations = store.evaluations(run_id)
-    stages = [Stage(e.id, e.position, e.kind, e.method, e.norm, e.eps, e.finished, e.sigma, e.skipped)
+    stages = [Stage(e.id, e.position, e.kind, e.method, e.norm, e.eps, e.finished, e.sigma, e.skipped, e.params)
               for e in evaluations]
     outcomes: dict[int, list[Outcome]] = defaultdict(list)
     for row in store.results([s.id for s in stages]):
         outcomes[row.evaluation_id].append(Outcome(row.example_index, row.correct, row.radius, row.abstained,
                                                    row.label, row.multilabel, row.prediction, row.draws or 1,
-                                                   row.correct_draws))
+                                                   row.correct_draws, row.samples_used))
     return stages, outcomes
 
 
@@ -53,6 +53,7 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
         "attacks": table["attacks"],
         "robust_accuracy": table["robust_accuracy"],
         "certified": certified_table(stages, outcomes, n, radii),
+        "certificate": certificate_table(stages, outcomes, n),
         "checks": [{"name": c.name, "triggered": c.triggered, "detail": c.detail} for c in store.checks(run_id)],
         "wall_time_s": run.wall_time_s,
         # additions beyond the stable core

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from sqlalchemy import JSON, Boolean, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -131,6 +131,9 @@ class ExampleResultRow(Base):
     radius: Mapped[Optional[float]] = mapped_column(Float)
     abstained: Mapped[bool] = mapped_column(Boolean, default=False)
     samples_used: Mapped[Optional[int]] = mapped_column(Integer)
+    count_a: Mapped[Optional[int]] = mapped_column(Integer)  # certification: votes for the predicted class
+    bound: Mapped[Optional[float]] = mapped_column(Float)  # certification: p_A lower bound or margin lower bound
+    seconds: Mapped[Optional[float]] = mapped_column(Float)  # certification: time spent on the example
     draws: Mapped[int] = mapped_column(Integer, default=1)
     correct_draws: Mapped[Optional[int]] = mapped_column(Integer)
     perturbation_norm: Mapped[Optional[float]] = mapped_column(Float)

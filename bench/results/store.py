@@ -77,6 +77,7 @@ class Store:
             event.listen(engine, "connect", _sqlite_pragmas)
         try:
             Base.metadata.create_all(engine)
+            Store._migrate(engine)
             Store._check_columns(engine, url)
             with Session(engine) as session:
                 row = session.get(MetaRow, "schema_version")
@@ -91,6 +92,30 @@ class Store:
             detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise StoreError(f"cannot open result store '{url}': {detail}") from None
         return engine
+
+    # columns added by each schema version (all nullable): an older store gains them in place
+    MIGRATIONS = {2: {"example_results": ("count_a", "bound", "seconds")}}
+
+    @staticmethod
+    def _migrate(engine: Engine) -> None:
+        """Bring a store of an older schema version up to date (only additive changes so far)."""
+        from sqlalchemy import inspect, text
+
+        with Session(engine) as session:
+            row = session.get(MetaRow, "schema_version")
+            if row is None or int(row.value) >= SCHEMA_VERSION:
+                return
+            version = int(row.value)
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for table_name, columns in Store.MIGRATIONS.get(target, {}).items():
+                    table = Base.metadata.tables[table_name]
+                    present = {c["name"] for c in inspect(engine).get_columns(table_name)}
+                    for name in columns:
+                        if name not in present:
+                            kind = table.columns[name].type.compile(dialect=engine.dialect)
+                            session.execute(text(f"ALTER TABLE {table_name} ADD COLUMN {name} {kind}"))
+            row.value = str(SCHEMA_VERSION)
+            session.commit()
 
     @staticmethod
     def _check_columns(engine: Engine, url: str) -> None:

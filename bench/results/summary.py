@@ -40,6 +40,7 @@ class Outcome:
     prediction: int | None = None
     draws: int = 1
     correct_draws: int | None = None
+    samples_used: int | None = None
 
     @property
     def draw_fraction(self) -> float:
@@ -83,6 +84,7 @@ class Stage:
     finished: bool = True
     sigma: float | None = None
     skipped: str | None = None
+    params: dict[str, Any] | None = None
 
 
 def _fraction(count: int, n: int) -> float | None:
@@ -220,5 +222,26 @@ def certified_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]],
         rows = outcomes.get(stage.id, [])
         for r in radii:
             hits = sum(1 for o in rows if o.correct and not o.abstained and o.radius is not None and o.radius >= r)
-            out.append({"certifier": stage.method, "radius": r, "accuracy": _fraction(hits, n)})
+            out.append({"certifier": stage.method, "radius": r, "accuracy": _fraction(hits, n),
+                        "position": stage.position})
+    return out
+
+
+def certificate_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int) -> list[dict[str, Any]]:
+    """Per certification stage: its parameters (n0, n, alpha, sigma or L), the average certified
+    radius (abstentions and wrong predictions count as radius 0), the abstention rate and the
+    mean number of samples per example."""
+    out: list[dict[str, Any]] = []
+    for stage in sorted((s for s in stages if s.kind is EvalKind.CERTIFY), key=lambda s: s.position):
+        rows = outcomes.get(stage.id, [])
+        radii = [o.radius or 0.0 for o in rows if o.correct and not o.abstained]
+        samples = [o.samples_used for o in rows if o.samples_used is not None]
+        out.append({
+            "certifier": stage.method, "position": stage.position, "finished": stage.finished,
+            **((stage.params or {}).get("certificate") or {}),
+            "average_radius": (sum(radii) / n) if n and len(rows) == n else None,
+            "abstention_rate": _fraction(sum(1 for o in rows if o.abstained), len(rows)) if rows else None,
+            "mean_samples": (sum(samples) / len(samples)) if samples else None,
+            "certified_examples": len(rows),
+        })
     return out

@@ -1,0 +1,228 @@
+"""Randomized smoothing: Cohen, Rosenfeld and Kolter (2019), CERTIFY and PREDICT.
+
+The smoothed classifier is g(x) = argmax_c P[f(x + e) = c] with e ~ N(0, sigma^2 I) in pixel
+space (images in [0, 1]; the model normalizes internally, so sigma is in pixel units). If the base
+classifier f is itself random (HyCAS, DDS), its randomness is drawn fresh for every sample and is
+part of the probability: the guarantee is about g defined with both.
+
+See docs/certification.md for the guarantee, the sampling details and the sequential variant.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.certifiers.base import Certificate, Certifier, CertifierInfo, check_alpha, check_positive_int
+from bench.certifiers.stats import (BetaBinomialConfidenceSequence, binomial_pvalue, clopper_pearson_lower,
+                                    smoothing_radius)
+from bench.errors import BenchError
+from bench.registry import register_certifier
+
+__all__ = ["Smoothing", "auto_batch", "certify_counts", "predict", "sample_counts"]
+
+
+def auto_batch(x: torch.Tensor) -> int:
+    """Noise samples per forward pass: about 4M input values, between 400 and 10,000 samples."""
+    per_sample = max(1, x[0].numel())
+    return int(min(10_000, max(400, (1 << 22) // per_sample)))
+
+
+def _shared_randomness(model: nn.Module) -> bool:
+    """A randomized model whose draw is shared by a whole forward batch (e.g. random filters drawn
+    once per pass) must see each example at most once per pass, or its samples are not independent."""
+    return bool(getattr(model, "randomized", False)) and not bool(getattr(model, "randomness_per_example", False))
+
+
+def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, batch: int | None = None,
+                  amp: bool = False) -> torch.Tensor:
+    """Votes of the base classifier under ``num`` Gaussian samples per example: an (N, K) tensor.
+
+    Samples of several examples share a forward pass (rows are laid out example by example), so
+    small models and small ``num`` use large batches. Noise is drawn on ``x``'s device, under
+    ``torch.inference_mode``; ``amp`` runs the forward pass in bfloat16 autocast on CUDA (the
+    vote counting stays exact; see docs/certification.md for the check that it does not bias the
+    votes). A randomized model with shared randomness is sampled one row per example per pass.
+    """
+    n_examples = len(x)
+    num_classes = int(getattr(model, "num_classes", 0)) or None
+    batch = batch or auto_batch(x)
+    use_amp = amp and x.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+    if x.device.type == "cuda" and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    counts: torch.Tensor | None = None
+    with torch.inference_mode(), autocast:
+        if _shared_randomness(model):
+            for _ in range(num):  # one sample per example per pass: fresh, independent draws
+                noisy = x + sigma * torch.randn_like(x)
+                pred = model(noisy).argmax(dim=1)
+                k = num_classes or int(pred.max()) + 1
+                votes = torch.nn.functional.one_hot(pred, k)
+                counts = votes if counts is None else counts + votes
+        else:
+            total = n_examples * num
+            flat = torch.zeros(0, dtype=torch.long, device=x.device)
+            k = num_classes or int(model(x[:1]).shape[1])
+            for start in range(0, total, batch):
+                rows = torch.arange(start, min(start + batch, total), device=x.device)
+                example = rows // num
+                noisy = x[example] + sigma * torch.randn((len(rows), *x.shape[1:]), device=x.device, dtype=x.dtype)
+                pred = model(noisy).argmax(dim=1)
+                part = torch.bincount(example * k + pred, minlength=n_examples * k)
+                flat = part if flat.numel() == 0 else flat + part
+            counts = flat.view(n_examples, -1) if flat.numel() else None
+    if counts is None:
+        raise BenchError("smoothing: no samples drawn")
+    return counts.long().cpu()
+
+
+def certify_counts(selection: torch.Tensor, estimation: torch.Tensor, alpha: float,
+                   sigma: float) -> list[tuple[int | None, float, int, float]]:
+    """CERTIFY from vote counts: (prediction or None, radius, n_A, p_A lower bound) per example."""
+    out = []
+    n = int(estimation[0].sum())
+    for sel, est in zip(selection, estimation):
+        c_a = int(sel.argmax())
+        n_a = int(est[c_a])
+        p_lower = clopper_pearson_lower(n_a, n, alpha)
+        if p_lower <= 0.5:
+            out.append((None, 0.0, n_a, p_lower))
+        else:
+            out.append((c_a, smoothing_radius(p_lower, sigma), n_a, p_lower))
+    return out
+
+
+def predict(model: nn.Module, x: torch.Tensor, sigma: float, n: int = 1000, alpha: float = 0.001,
+            batch: int | None = None) -> list[int | None]:
+    """Cohen et al.'s PREDICT: the top class of ``n`` noisy samples, or ``None`` (abstain) unless a
+    two-sided binomial test separates the two largest counts at level ``alpha``. A returned class
+    differs from g(x) with probability at most ``alpha``."""
+    counts = sample_counts(model, x, n, sigma, batch)
+    out: list[int | None] = []
+    for row in counts:
+        top2 = torch.topk(row, min(2, len(row)))
+        n_a = int(top2.values[0])
+        n_b = int(top2.values[1]) if len(row) > 1 else 0
+        out.append(int(top2.indices[0]) if binomial_pvalue(n_a, n_a + n_b) <= alpha else None)
+    return out
+
+
+def _grid_level(p: float, thresholds: list[float]) -> int:
+    """How many grid radii a p_A bound certifies (radius 0 needs p > 1/2, radius r > 0 needs
+    p >= Phi(r / sigma))."""
+    return sum(1 for t in thresholds if (p > t if t == 0.5 else p >= t))
+
+
+@register_certifier("smoothing")
+class Smoothing(Certifier):
+    """Randomized smoothing (Cohen et al. 2019): L2 certificates for g(x) = argmax_c P[f(x+e) = c].
+
+    **Guarantee.** For each example, with probability at least 1 - alpha over the sampling, either
+    the certifier abstains or g predicts the returned class everywhere in the L2 ball of the
+    returned radius sigma * Phi^-1(p_A_lower) (Cohen et al., Theorem 1 with p_B = 1 - p_A).
+
+    CERTIFY: ``n0`` samples select the class, ``n`` separate samples estimate p_A with a one-sided
+    Clopper-Pearson bound at level ``alpha``; abstain when the bound is at most 1/2.
+    ``sequential=True`` replaces the fixed ``n`` by an anytime-valid confidence sequence that
+    stops as soon as the radius grid level is decided (at most ``n`` samples; same guarantee).
+
+    Parameters: ``sigma`` (default: the model's declared ``sigma``), ``n0`` (100), ``n`` (100,000),
+    ``alpha`` (0.001), ``batch`` (noise samples per forward pass; default sized from the input),
+    ``sequential`` (False), ``radii`` (the grid the sequential rule decides; the harness passes the
+    run's radius grid), ``amp`` (bfloat16 autocast on CUDA; default False).
+    """
+
+    info = CertifierInfo(norm="L2", statistical=True, summary="Cohen et al. CERTIFY (Clopper-Pearson)")
+    defaults = {"sigma": None, "n0": 100, "n": 100_000, "alpha": 0.001, "batch": None, "sequential": False,
+                "radii": None, "amp": False}
+
+    def validate(self) -> None:
+        p = self.params
+        check_positive_int(p["n0"], "n0", "smoothing")
+        check_positive_int(p["n"], "n", "smoothing")
+        check_alpha(p["alpha"], "smoothing")
+        if p["batch"] is not None:
+            check_positive_int(p["batch"], "batch", "smoothing")
+        if p["sigma"] is not None:
+            _check_sigma(p["sigma"])
+        if p["radii"] is not None and any(float(r) < 0 for r in p["radii"]):
+            raise BenchError("smoothing: radii must be >= 0")
+
+    def prepare(self, model: nn.Module) -> dict[str, Any]:
+        sigma = self.params["sigma"] if self.params["sigma"] is not None else getattr(model, "sigma", None)
+        if sigma is None:
+            raise BenchError("smoothing: the model declares no sigma (it was not trained with Gaussian noise); "
+                             "give one with --sigma")
+        self.sigma = _check_sigma(sigma)
+        return {"certifier": "smoothing", "sigma": self.sigma, "n0": int(self.params["n0"]),
+                "n": int(self.params["n"]), "alpha": float(self.params["alpha"]),
+                "sequential": bool(self.params["sequential"]), "amp": bool(self.params["amp"])}
+
+    def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> list[Certificate]:
+        if not hasattr(self, "sigma"):
+            self.prepare(model)
+        p = self.params
+        started = time.perf_counter()
+        batch = int(p["batch"]) if p["batch"] else None
+        selection = sample_counts(model, x, int(p["n0"]), self.sigma, batch, bool(p["amp"]))
+        if p["sequential"]:
+            results = self._sequential(model, x, selection, batch)
+        else:
+            estimation = sample_counts(model, x, int(p["n"]), self.sigma, batch, bool(p["amp"]))
+            results = [(c, r, n_a, b, int(p["n"])) for c, r, n_a, b in
+                       certify_counts(selection, estimation, float(p["alpha"]), self.sigma)]
+        seconds = (time.perf_counter() - started) / max(len(x), 1)
+        return [Certificate(prediction=c, radius=r, samples=int(p["n0"]) + used, count_a=n_a, bound=b,
+                            seconds=seconds) for c, r, n_a, b, used in results]
+
+    def _sequential(self, model: nn.Module, x: torch.Tensor, selection: torch.Tensor,
+                    batch: int | None) -> list[tuple[int | None, float, int, float, int]]:
+        """Anytime-valid estimation: draw in growing rounds, stop once the grid level is decided."""
+        p = self.params
+        alpha, n_max = float(p["alpha"]), int(p["n"])
+        radii = sorted(float(r) for r in (p["radii"] or (0.0,)))
+        thresholds = [0.5 if r == 0 else _phi(r / self.sigma) for r in radii]
+        classes = [int(s.argmax()) for s in selection]
+        sequences = [BetaBinomialConfidenceSequence(alpha) for _ in classes]
+        active = list(range(len(x)))
+        step = min(1000, n_max)
+        while active:
+            counts = sample_counts(model, x[active], step, self.sigma, batch, bool(p["amp"]))
+            still = []
+            for row, i in zip(counts, active):
+                cs = sequences[i]
+                cs.update(int(row[classes[i]]), step)
+                decided = _grid_level(cs.lower(), thresholds) == _grid_level(cs.upper(), thresholds)
+                if not (decided or cs.n >= n_max):
+                    still.append(i)
+            active = still
+            if active:  # active examples have all drawn the same number; never exceed n in total
+                step = min(step * 2, n_max - sequences[active[0]].n)
+        out = []
+        for i, cs in enumerate(sequences):
+            lower = cs.lower()
+            if lower <= 0.5:
+                out.append((None, 0.0, cs.k, lower, cs.n))
+            else:
+                out.append((classes[i], smoothing_radius(lower, self.sigma), cs.k, lower, cs.n))
+        return out
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def _check_sigma(sigma: Any) -> float:
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        raise BenchError(f"smoothing: sigma must be a number > 0, got {sigma!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise BenchError(f"smoothing: sigma must be > 0, got {sigma}")
+    return value

@@ -1,0 +1,177 @@
+"""Certified accuracy against L2 radius, one curve per run and certification stage, with the
+run's empirical L2 robust accuracy as points at x = eps (``bench plot``).
+
+:func:`curves` turns run summaries (:func:`bench.results.queries.run_summary`) into plain
+:class:`Curve` values and needs no matplotlib; :func:`draw` renders them with the headless Agg
+backend, which it selects itself, so importing this module never touches matplotlib.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError
+
+__all__ = ["FORMATS", "STEP_WHERE", "Curve", "curves", "draw"]
+
+FORMATS = ("png", "svg")
+
+# How the certified curve joins its grid points. Only the values at the grid radii are known.
+# Certified accuracy at r counts radii >= r: non-increasing and left-continuous. Between two grid
+# radii only the bounds acc(r_{i+1}) <= acc(r) <= acc(r_i) are known; "pre" draws the lower one.
+STEP_WHERE = "pre"
+
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One certified-accuracy curve of one run, or only the run's empirical points.
+
+    ``radii``/``accuracies`` are sorted by radius (empty when the run has no certified results);
+    ``empirical`` holds (eps, robust accuracy) of the run's L2 threat models, sorted by eps, and
+    is attached to the run's first curve only.
+    """
+
+    run_id: int
+    label: str  # legend text, "run N: defense (certifier)"
+    radii: tuple[float, ...]
+    accuracies: tuple[float, ...]
+    empirical: tuple[tuple[float, float], ...] = ()
+    empirical_label: str = ""
+    dataset: str = ""
+
+
+def _stage_of(entry: dict[str, Any]) -> Any:
+    """What tells two stages of the same certifier apart, when the summary says it."""
+    for key in ("stage", "position"):
+        if entry.get(key) is not None:
+            return entry[key]
+    return None
+
+
+def _certified_groups(entries: Iterable[dict[str, Any]]) -> dict[tuple[str, Any], list[tuple[float, float]]]:
+    """(certifier, stage) -> [(radius, accuracy)], in the summary's order.
+
+    Without a stage key, two stages of one certifier are told apart by the summary's layout
+    (each stage lists the whole radius grid in turn): a radius the certifier's current group
+    already has starts its next group, numbered 1, 2, ...
+    """
+    groups: dict[tuple[str, Any], list[tuple[float, float]]] = {}
+    seen: dict[str, tuple[int, set[float]]] = {}  # certifier -> (current group number, its radii)
+    for entry in entries:
+        certifier, stage = str(entry["certifier"]), _stage_of(entry)
+        radius = entry.get("radius")
+        if stage is None:
+            number, radii = seen.get(certifier, (1, set()))
+            if radius in radii:
+                number, radii = number + 1, set()
+            radii.add(radius)
+            seen[certifier] = (number, radii)
+            stage = ("#", number)
+        points = groups.setdefault((certifier, stage), [])
+        if entry.get("accuracy") is not None and radius is not None:
+            points.append((float(radius), float(entry["accuracy"])))
+    return {k: v for k, v in groups.items() if v}
+
+
+def _run_curves(summary: dict[str, Any]) -> list[Curve]:
+    run_id = summary["run_id"]
+    name = f"run {run_id}: {summary.get('defense', '?')}"
+    dataset = str(summary.get("dataset") or "")
+    groups = _certified_groups(summary.get("certified") or [])
+    certifier_count: dict[str, int] = {}
+    for certifier, _ in groups:
+        certifier_count[certifier] = certifier_count.get(certifier, 0) + 1
+    empirical = tuple(sorted(
+        (float(t["eps"]), float(t["robust_accuracy"])) for t in summary.get("threat_models") or []
+        if str(t.get("norm", "")).upper() == "L2" and t.get("eps") is not None and t.get("robust_accuracy") is not None
+    ))
+    empirical_label = f"{name} (L2 attacks)" if empirical else ""
+    out: list[Curve] = []
+    for (certifier, stage), points in groups.items():
+        points.sort()
+        if certifier_count[certifier] == 1:
+            what = certifier
+        else:
+            what = f"{certifier}, stage {stage[1] if isinstance(stage, tuple) else stage}"
+        out.append(Curve(run_id, f"{name} ({what})", tuple(r for r, _ in points), tuple(a for _, a in points),
+                         empirical if not out else (), empirical_label if not out else "", dataset))
+    if not out and empirical:
+        out.append(Curve(run_id, empirical_label, (), (), empirical, empirical_label, dataset))
+    if not out:
+        raise BenchError(f"run {run_id} has no certified results and no L2 attacks to plot")
+    return out
+
+
+def curves(summaries: Sequence[dict[str, Any]]) -> list[Curve]:
+    """The curves of the given run summaries, in order: per run, one per (certifier, stage).
+
+    Raises :class:`BenchError` for a run with neither certified results nor L2 robust accuracy.
+    """
+    return [curve for summary in summaries for curve in _run_curves(summary)]
+
+
+def _output_path(stem: Path, fmt: str) -> Path:
+    return stem.with_name(f"{stem.name}.{fmt}")
+
+
+def draw(plotted: Sequence[Curve], path_stem: Path, formats: Iterable[str] = FORMATS) -> list[Path]:
+    """Render ``plotted`` into ``path_stem`` + ``.png`` / ``.svg`` (one file per format); return the paths."""
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise BenchError(f"unknown plot format(s) {', '.join(unknown) or '(none)'}; use {' or '.join(FORMATS)}")
+    if not plotted:
+        raise BenchError("nothing to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    palette = plt.rcParams["axes.prop_cycle"].by_key().get("color") or ["C0"]
+    run_order = list(dict.fromkeys(c.run_id for c in plotted))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        def color(curve: Curve) -> str:
+            return palette[run_order.index(curve.run_id) % len(palette)]
+
+        nth_in_run: dict[int, int] = {}
+        x_max = 0.0
+        for curve in (c for c in plotted if c.radii):  # the lines first, the points on top
+            k = nth_in_run.get(curve.run_id, 0)
+            nth_in_run[curve.run_id] = k + 1
+            ax.step(curve.radii, curve.accuracies, where=STEP_WHERE, color=color(curve),
+                    linestyle=_LINESTYLES[k % len(_LINESTYLES)], marker="o", markersize=3, label=curve.label)
+            x_max = max(x_max, *curve.radii)
+        for curve in (c for c in plotted if c.empirical):
+            eps, acc = zip(*curve.empirical)
+            ax.scatter(eps, acc, color=color(curve), marker="X", s=60, edgecolors="black", linewidths=0.5,
+                       zorder=3, label=curve.empirical_label or curve.label)
+            x_max = max(x_max, *eps)
+        span = x_max if x_max > 0 else 1.0
+        ax.set_xlim(-0.02 * span, 1.05 * span)  # a little room so points at 0 are not cut in half
+        ax.set_ylim(-0.02, 1.02)
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+        ax.set_xlabel("L2 radius")
+        ax.set_ylabel("accuracy")
+        datasets = ", ".join(dict.fromkeys(c.dataset for c in plotted if c.dataset))
+        ax.set_title(f"Certified accuracy vs L2 radius{f' on {datasets}' if datasets else ''}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+        fig.tight_layout()
+        written = []
+        for fmt in formats:
+            path = _output_path(path_stem, fmt)
+            try:
+                fig.savefig(path, format=fmt)
+            except OSError as exc:
+                raise BenchError(f"cannot write {path}: {exc.strerror or exc}") from None
+            written.append(path)
+        return written
+    finally:
+        plt.close(fig)
