@@ -286,6 +286,7 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
     DEFENSES: {
         "standard": ("bench.defenses.baselines:Standard", "empirical risk minimisation (no defense)"),
         "pgd-at": ("bench.defenses.baselines:PGDAT", "Madry et al. 2018 PGD adversarial training"),
+        "rs": ("bench.defenses.smoothing:RandomizedSmoothing", "Cohen et al. 2019 Gaussian randomized smoothing"),
     },
     ATTACKS: {
         "pgd": ("bench.attacks.pgd:PGD", "projected gradient descent, Linf and L2 (torchattacks)"),
@@ -302,7 +303,10 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
         "eot": ("bench.attacks.wrappers:EOT", "expectation over transformation around any gradient attack"),
         "bpda": ("bench.attacks.wrappers:BPDA", "backward-pass differentiable approximation around any gradient attack"),
     },
-    CERTIFIERS: {},
+    CERTIFIERS: {
+        "smoothing": ("bench.certifiers.smoothing:Smoothing", "randomized smoothing CERTIFY (Cohen et al. 2019)"),
+        "lipschitz": ("bench.certifiers.lipschitz:Lipschitz", "margin / (sqrt(2) L) from a guaranteed Lipschitz bound"),
+    },
     DATASETS: {
         "digits": ("bench.data.digits:Digits", "scikit-learn's 8x8 handwritten digits (embedded default)"),
         "synthetic": ("bench.data.synthetic:Synthetic", "tiny generated dataset for tests"),
