@@ -43,3 +43,14 @@ def data():
 
     ds = get_dataset("synthetic")
     return ds.load("train"), ds.load("test")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add overhead (and spin when the machine is busy)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,12 +19,8 @@ from bench.results.store import Store
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin when the machine is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs with one intra-op thread (see conftest.one_thread)."""
 
 
 def _linear_model(scale: float, declared: float | None) -> DefendedModel:

@@ -446,16 +446,9 @@ def consistency(summary: dict[str, Any], randomized: bool) -> CheckResult:
 
 def _load_examples(run: Any, config: dict[str, Any], dataset: Any, progress: Progress) -> Any:
     """The run's examples, exactly: its split, subset to its stored indices (as ``bench attack``)."""
-    data = dataset.load(config.get("split", "test"), config.get("data_root"), int(config["image_size"]),
-                        progress=progress)
-    assert data.indices is not None
-    wanted = torch.tensor(run.indices or [])
-    positions = torch.nonzero(torch.isin(data.indices, wanted)).flatten()
-    data = data.subset(positions)
-    if len(data) != len(wanted):
-        raise BenchError(f"run {run.id}: {len(wanted) - len(data)} of its examples are no longer in the dataset; "
-                         "cannot audit it faithfully")
-    return data
+    from bench.harness.extend import load_run_examples
+
+    return load_run_examples(run, config, dataset, progress, "audit")
 
 
 def _unpack(data: Any) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:

@@ -148,7 +148,7 @@ def run(
         from bench.harness.escalate import escalate as run_remedies
         from bench.harness.progress import RichProgress
 
-        run_remedies(store, run_id, progress or RichProgress(stderr), resolved.config.device)
+        stored = not run_remedies(store, run_id, progress or RichProgress(stderr), resolved.config.device) and stored
     summary = run_summary(store, run_id)
     from bench.cli.output import warn
     from bench.harness.protocol import is_adaptive

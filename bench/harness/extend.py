@@ -69,6 +69,22 @@ def _load_model(store: Store, run: Any, config: dict[str, Any]) -> Any:
     return model.eval(), dataset
 
 
+def load_run_examples(run: Any, config: dict[str, Any], dataset: Any, progress: Progress, purpose: str) -> Any:
+    """A stored run's examples, exactly: its split, subset to its stored indices."""
+    import torch
+
+    data = dataset.load(config.get("split", "test"), config.get("data_root"), int(config["image_size"]),
+                        progress=progress)
+    assert data.indices is not None
+    wanted = torch.tensor(run.indices or [])
+    positions = torch.nonzero(torch.isin(data.indices, wanted)).flatten()
+    data = data.subset(positions)
+    if len(data) != len(wanted):
+        raise BenchError(f"run {run.id}: {len(wanted) - len(data)} of its examples are no longer in the dataset; "
+                         f"cannot {purpose} it faithfully")
+    return data
+
+
 def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress | None = None,
                device: str = "auto", escalated_for: str | None = None, draws: int | None = None) -> int:
     """Run ``spec`` on stored run ``run_id``; returns the run id. See the module docstring.
@@ -94,15 +110,7 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
     started = time.perf_counter()
     config = run.config
     model, dataset = _load_model(store, run, config)
-    data = dataset.load(config.get("split", "test"), config.get("data_root"), int(config["image_size"]),
-                        progress=progress)
-    assert data.indices is not None
-    wanted = torch.tensor(run.indices or [])
-    positions = torch.nonzero(torch.isin(data.indices, wanted)).flatten()
-    data = data.subset(positions)
-    if len(data) != len(wanted):
-        raise BenchError(f"run {run_id}: {len(wanted) - len(data)} of its examples are no longer in the dataset; "
-                         "cannot extend it faithfully")
+    data = load_run_examples(run, config, dataset, progress, "extend")
     torch_device = torch.device(resolve_device(device))
     model.to(torch_device)
     if draws is None:

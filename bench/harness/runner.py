@@ -84,7 +84,12 @@ def _info_dict(defense: Defense) -> dict[str, Any] | None:
     from dataclasses import asdict
 
     info = getattr(defense, "info", None)
-    return asdict(info) if info is not None else None
+    if info is None:
+        return None
+    out = asdict(info)
+    if out.get("default_protocol") is None:  # added later: absent unless set, so older run keys still match
+        out.pop("default_protocol", None)
+    return out
 
 
 def resolve(config: RunConfig) -> ResolvedRun:
