@@ -219,3 +219,12 @@ def test_smoothing_needs_a_sigma():
 
 def test_registry_lists_both_certifiers():
     assert {"smoothing", "lipschitz"} <= set(CERTIFIERS.names())
+
+
+def test_multilabel_models_are_refused():
+    model = _orthogonal_model()
+    model.task = "multilabel"
+    model.sigma = 0.25
+    for certifier in (Smoothing(), Lipschitz()):
+        with pytest.raises(BenchError, match="multilabel"):
+            certifier.prepare(model)

@@ -87,6 +87,12 @@ class Certifier:
     def validate(self) -> None:
         """Raise :class:`BenchError` for invalid parameters (before any work)."""
 
+    def require_single_label(self, model: nn.Module) -> None:
+        """The certificates are about argmax predictions: multilabel models cannot be certified."""
+        if getattr(model, "task", "multiclass") == "multilabel":
+            raise BenchError(f"{self.name}: certification is defined for single-label classifiers (argmax of the "
+                             "logits); this model is multilabel")
+
     def prepare(self, model: nn.Module) -> dict[str, Any]:
         """Check that ``model`` can be certified and return what the certificate uses
         (e.g. ``{"sigma": 0.25, "n0": 100, "n": 100000, "alpha": 0.001}``); raises

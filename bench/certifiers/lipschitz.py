@@ -76,6 +76,7 @@ class Lipschitz(Certifier):
             raise BenchError("lipschitz: the Bernstein bound needs n >= 2")
 
     def prepare(self, model: nn.Module) -> dict[str, Any]:
+        self.require_single_label(model)
         self.lipschitz, guarantee = declared_bound(model)
         self.randomized = bool(getattr(model, "randomized", False))
         out: dict[str, Any] = {"certifier": "lipschitz", "L": self.lipschitz, "guarantee": guarantee,

@@ -159,6 +159,7 @@ class Smoothing(Certifier):
             raise BenchError("smoothing: radii must be >= 0")
 
     def prepare(self, model: nn.Module) -> dict[str, Any]:
+        self.require_single_label(model)
         sigma = self.params["sigma"] if self.params["sigma"] is not None else getattr(model, "sigma", None)
         if sigma is None:
             raise BenchError("smoothing: the model declares no sigma (it was not trained with Gaussian noise); "
