@@ -166,7 +166,7 @@ def write_report(speeds: list[dict[str, float]], seq: dict, ok: dict[str, bool])
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/performance.md")
-    parser.add_argument("--examples", type=int, default=100, help="digits test images for the sequential run")
+    parser.add_argument("--examples", type=int, default=60, help="digits test images for the sequential run")
     args = parser.parse_args()
     model, images, labels, radii = noise_trained_digits_model()
     speeds = [bench_throughput(model, images[:16], 20_000),  # trained: votes spread over classes

@@ -20,7 +20,7 @@ from torch import nn
 
 from bench.certifiers.base import Certificate, Certifier, CertifierInfo, check_alpha, check_positive_int
 from bench.certifiers.stats import (BetaBinomialConfidenceSequence, binomial_pvalue, clopper_pearson_lower,
-                                    smoothing_radius)
+                                    cs_lower_bound, smoothing_radius)
 from bench.errors import BenchError
 from bench.registry import register_certifier
 
@@ -188,13 +188,19 @@ class Smoothing(Certifier):
 
     def _sequential(self, model: nn.Module, x: torch.Tensor, selection: torch.Tensor,
                     batch: int | None) -> list[tuple[int | None, float, int, float, int]]:
-        """Anytime-valid estimation: draw in growing rounds, stop once the grid level is decided."""
+        """Anytime-valid estimation: draw in growing rounds, stop once the grid level is decided.
+
+        The failure probability alpha is split in two halves: a confidence sequence at alpha/2
+        (valid at every time, so at the data-dependent stopping time), and a Clopper-Pearson
+        bound at alpha/2 for the fixed time n (used only by examples that reach n). By the union
+        bound the reported lower bound holds with probability >= 1 - alpha (docs/certification.md).
+        """
         p = self.params
-        alpha, n_max = float(p["alpha"]), int(p["n"])
+        half, n_max = float(p["alpha"]) / 2, int(p["n"])
         radii = sorted(float(r) for r in (p["radii"] or (0.0,)))
         thresholds = [0.5 if r == 0 else _phi(r / self.sigma) for r in radii]
         classes = [int(s.argmax()) for s in selection]
-        sequences = [BetaBinomialConfidenceSequence(alpha) for _ in classes]
+        sequences = [BetaBinomialConfidenceSequence(half) for _ in classes]
         active = list(range(len(x)))
         step = min(1000, n_max)
         while active:
@@ -203,8 +209,13 @@ class Smoothing(Certifier):
             for row, i in zip(counts, active):
                 cs = sequences[i]
                 cs.update(int(row[classes[i]]), step)
-                decided = _grid_level(cs.lower(), thresholds) == _grid_level(cs.upper(), thresholds)
-                if not (decided or cs.n >= n_max):
+                if cs.n >= n_max:
+                    continue
+                # the best bound reachable by n if every remaining sample voted for c_A
+                best_k = cs.k + n_max - cs.n
+                reachable = max(cs_lower_bound(best_k, n_max, half), clopper_pearson_lower(best_k, n_max, half))
+                level = _grid_level(cs.lower(), thresholds)
+                if level < min(_grid_level(cs.upper(), thresholds), _grid_level(reachable, thresholds)):
                     still.append(i)
             active = still
             if active:  # active examples have all drawn the same number; never exceed n in total
@@ -212,6 +223,8 @@ class Smoothing(Certifier):
         out = []
         for i, cs in enumerate(sequences):
             lower = cs.lower()
+            if cs.n >= n_max:  # reached the fixed time n: the Clopper-Pearson half of alpha applies
+                lower = max(lower, clopper_pearson_lower(cs.k, cs.n, half))
             if lower <= 0.5:
                 out.append((None, 0.0, cs.k, lower, cs.n))
             else:
