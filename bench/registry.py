@@ -287,6 +287,7 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
         "standard": ("bench.defenses.baselines:Standard", "empirical risk minimisation (no defense)"),
         "pgd-at": ("bench.defenses.baselines:PGDAT", "Madry et al. 2018 PGD adversarial training"),
         "rs": ("bench.defenses.smoothing:RandomizedSmoothing", "Cohen et al. 2019 Gaussian randomized smoothing"),
+        "hycas": ("bench.defenses.hycas:HyCAS", "Dhar et al. 2026 HyCAS, <= 2-Lipschitz by construction (AOL)"),
     },
     ATTACKS: {
         "pgd": ("bench.attacks.pgd:PGD", "projected gradient descent, Linf and L2 (torchattacks)"),
