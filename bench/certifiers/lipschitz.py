@@ -27,6 +27,8 @@ from bench.registry import register_certifier
 
 __all__ = ["Lipschitz", "declared_bound"]
 
+DEFAULT_CLIP = 10.0  # B when neither --certify-param clip nor the model's logit_clip says otherwise
+
 
 def declared_bound(model: nn.Module) -> tuple[float, str]:
     """The model's guaranteed L2 Lipschitz bound of its logit map and how it is guaranteed."""
@@ -57,18 +59,19 @@ class Lipschitz(Certifier):
     from the same draws is covered). Abstains when the lower-bounded margin is not positive.
 
     A model that declares no ``lipschitz_bound`` (with ``lipschitz_guarantee``) is refused.
-    Parameters: ``n`` (draws for randomized models, 1,000), ``alpha`` (0.001), ``clip`` (B, 10.0),
-    ``bound`` (``hoeffding`` or ``bernstein``).
+    Parameters: ``n`` (draws for randomized models, 1,000), ``alpha`` (0.001), ``clip`` (B; default
+    the model's ``logit_clip`` if declared, else 10.0), ``bound`` (``bernstein``, the default, or
+    ``hoeffding``; Bernstein is much tighter when the logits vary little between draws).
     """
 
     info = CertifierInfo(norm="L2", statistical=False, summary="margin / (sqrt(2) L) from a guaranteed bound L")
-    defaults = {"n": 1000, "alpha": 0.001, "clip": 10.0, "bound": "hoeffding"}
+    defaults = {"n": 1000, "alpha": 0.001, "clip": None, "bound": "bernstein"}
 
     def validate(self) -> None:
         p = self.params
         check_positive_int(p["n"], "n", "lipschitz")
         check_alpha(p["alpha"], "lipschitz")
-        if not float(p["clip"]) > 0:
+        if p["clip"] is not None and not float(p["clip"]) > 0:
             raise BenchError(f"lipschitz: clip must be > 0, got {p['clip']}")
         if p["bound"] not in ("hoeffding", "bernstein"):
             raise BenchError(f"lipschitz: bound must be hoeffding or bernstein, got {p['bound']!r}")
@@ -79,10 +82,12 @@ class Lipschitz(Certifier):
         self.require_single_label(model)
         self.lipschitz, guarantee = declared_bound(model)
         self.randomized = bool(getattr(model, "randomized", False))
+        clip = self.params["clip"] if self.params["clip"] is not None else getattr(model, "logit_clip", None)
+        self.clip = float(clip) if clip is not None else DEFAULT_CLIP
         out: dict[str, Any] = {"certifier": "lipschitz", "L": self.lipschitz, "guarantee": guarantee,
                                "randomized": self.randomized}
         if self.randomized:
-            out.update(n=int(self.params["n"]), alpha=float(self.params["alpha"]), clip=float(self.params["clip"]),
+            out.update(n=int(self.params["n"]), alpha=float(self.params["alpha"]), clip=self.clip,
                        bound=self.params["bound"])
         return out
 
@@ -114,7 +119,7 @@ class Lipschitz(Certifier):
     def _confidence_box(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per-class lower and upper confidence bounds on Z(x) from n draws (one draw per example
         per forward pass, so draws shared across a batch stay independent across passes)."""
-        n, clip = int(self.params["n"]), float(self.params["clip"])
+        n, clip = int(self.params["n"]), self.clip
         total = sq = None
         for _ in range(n):
             logits = model(x).double().clamp(-clip, clip)

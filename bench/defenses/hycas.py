@@ -184,6 +184,7 @@ def _define_model_class() -> type[DefendedModel]:
         randomness_per_example = True
         lipschitz_bound = 2.0
         lipschitz_guarantee = _GUARANTEE
+        logit_clip = 1.0  # the lipschitz certifier's clip range B for argmax E[clip(logits, -B, B)]
 
         def __init__(self, net: nn.Module, mean: Sequence[float], input_shape: Sequence[int], num_classes: int,
                      task: str = "multiclass", sigma: float = 0.5, margin: float = 0.0) -> None:
