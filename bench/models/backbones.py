@@ -11,6 +11,17 @@ from torch.nn import functional as F
 from bench.models.names import ARCH_NAMES, resolve_arch
 
 
+def strided_stem(in_channels: int, width: int, image_size: int) -> tuple[nn.Sequential, int]:
+    """Stride-2 3x3 conv + ReLU layers (``width // 2`` channels) that bring images larger than
+    16 px down to at most 8 px; empty for smaller images. Returns the stem and its output channels."""
+    stem: list[nn.Module] = []
+    size, channels = image_size, in_channels
+    while image_size > 16 and size > 8:
+        stem += [nn.Conv2d(channels, width // 2, 3, stride=2, padding=1), nn.ReLU()]
+        size, channels = (size + 1) // 2, width // 2
+    return nn.Sequential(*stem), channels
+
+
 class SmallCNN(nn.Module):
     """Four 3x3 conv layers in two stages, then two linear layers.
 
@@ -22,12 +33,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, width: int = 32, hidden: int = 128,
                  image_size: int = 16) -> None:
         super().__init__()
-        stem: list[nn.Module] = []
-        size, channels = image_size, in_channels
-        while image_size > 16 and size > 8:
-            stem += [nn.Conv2d(channels, width // 2, 3, stride=2, padding=1), nn.ReLU()]
-            size, channels = (size + 1) // 2, width // 2
-        self.stem = nn.Sequential(*stem)
+        self.stem, channels = strided_stem(in_channels, width, image_size)
         self.features = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),

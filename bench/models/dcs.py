@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bench.models.backbones import strided_stem
 from bench.models.defended import DefendedModel
 
 __all__ = ["DCSModel", "MaskedConv2d", "SmallDCSNet", "WRN_LAYOUTS", "dcs_resnet18", "dcs_wide_resnet",
@@ -242,12 +243,7 @@ class SmallDCSNet(nn.Module):
         super().__init__()
         if masked_conv not in (2, 3):
             raise ValueError(f"masked_conv must be 2 or 3, got {masked_conv!r}")
-        stem: list[nn.Module] = []
-        size, channels = image_size, in_channels
-        while image_size > 16 and size > 8:
-            stem += [nn.Conv2d(channels, width // 2, 3, stride=2, padding=1), nn.ReLU()]
-            size, channels = (size + 1) // 2, width // 2
-        self.stem = nn.Sequential(*stem)
+        self.stem, channels = strided_stem(in_channels, width, image_size)
         plan: Sequence[tuple[int, int]] = ((channels, width), (width, width), (width, 2 * width),
                                            (2 * width, 2 * width))
         layers: list[nn.Module] = []
