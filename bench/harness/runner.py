@@ -178,10 +178,6 @@ def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: in
     assert test.indices is not None
     idx_hash = indices_hash(test.indices.numpy())
     model, model_id, model_sha = obtain_model(resolved, dataset, store, progress)
-    from bench.registry import CERTIFIERS
-
-    for cert in resolved.protocol.certifiers:  # a model the certifier refuses is refused before any work
-        CERTIFIERS.get(cert.certifier)(**cert.kwargs).prepare(model)
     prov = provenance.collect(device=resolved.device, seed=resolved.config.seed, dataset=resolved.spec.name,
                               indices_hash=idx_hash, checkpoint_sha256=model_sha, data_root=resolved.data_root)
     fields = dict(model_id=model_id, defense=resolved.defense.name, dataset=resolved.spec.name,
