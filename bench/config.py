@@ -126,6 +126,16 @@ class AttackSpec:
         return {"attack": self.attack, **self.threat.to_dict(), "params": self.kwargs}
 
 
+def with_defaults(defaults: dict[str, Any], given: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
+    """``given`` keyword parameters over ``defaults`` (``None`` keeps the default); an unknown
+    parameter is a :class:`BenchError` naming the known ones. Shared by attacks and certifiers."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        known = ", ".join(sorted(defaults)) or "(none)"
+        raise BenchError(f"unknown parameter(s) {', '.join(unknown)} for {kind} '{name}'; known: {known}")
+    return {**defaults, **{k: v for k, v in given.items() if v is not None}}
+
+
 @dataclass(frozen=True)
 class CertifySpec:
     """One certifier of a protocol: registry name and keyword parameters."""

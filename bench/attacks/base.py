@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.config import Norm, ThreatModel
+from bench.config import Norm, ThreatModel, with_defaults
 from bench.errors import BenchError
 
 __all__ = ["Attack", "AttackInfo", "AttackResult", "PassCounter", "check_inputs", "project"]
@@ -118,11 +118,7 @@ class Attack:
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any) -> None:
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "(none)"
-            raise BenchError(f"unknown parameter(s) {', '.join(unknown)} for attack '{self.name}'; known: {known}")
-        self.params = {**self.defaults, **{k: v for k, v in params.items() if v is not None}}
+        self.params = with_defaults(self.defaults, params, "attack", self.name)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))

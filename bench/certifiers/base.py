@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bench.config import with_defaults
 from bench.errors import BenchError
 
 __all__ = ["Certificate", "Certifier", "CertifierInfo", "check_alpha", "check_positive_int"]
@@ -73,11 +74,7 @@ class Certifier:
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any) -> None:
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "(none)"
-            raise BenchError(f"unknown parameter(s) {', '.join(unknown)} for certifier '{self.name}'; known: {known}")
-        self.params = {**self.defaults, **{k: v for k, v in params.items() if v is not None}}
+        self.params = with_defaults(self.defaults, params, "certifier", self.name)
         self.validate()
 
     def __repr__(self) -> str:
