@@ -122,3 +122,37 @@ def test_wrappers_compose_and_validate():
         ATTACKS.get("eot")(attack="nope")
     with pytest.raises(BenchError):
         ATTACKS.get("bpda")(params={"stpes": 3})
+
+
+class SharedDraw(DefendedModel):
+    """One random input shift per forward pass, shared by the whole batch (like DCS's mask);
+    records the batch size of every pass."""
+
+    randomized = True
+    randomness_per_example = False
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        return super().forward(x + 0.3 * torch.randn(()))
+
+    @contextmanager
+    def freeze_randomness(self):
+        yield
+
+
+def test_eot_gives_shared_draw_models_one_draw_per_pass_and_deterministic_ones_one_draw(base_net):
+    x, y = torch.rand(6, 1, 8, 8), torch.arange(6) % 4
+    shared = _wrap(SharedDraw, base_net)
+    shared.batches = []
+    ATTACKS.get("eot")(attack="pgd", params={"steps": 2}, draws=5)(shared, x, y, LINF)
+    # K copies of the batch in one pass would share one shift: every pass must hold the batch once
+    assert shared.batches and set(shared.batches) == {6}
+    assert len(shared.batches) >= 5 * 2  # K = 5 separate draws per gradient step
+
+    plain = _wrap(DefendedModel, base_net)
+    torch.manual_seed(0)  # the same random start for both
+    counted = ATTACKS.get("eot")(attack="pgd", params={"steps": 3}, draws=20)(plain, x, y, LINF)
+    torch.manual_seed(0)
+    single = ATTACKS.get("pgd")(steps=3)(plain, x, y, LINF)
+    assert counted.forward_passes == single.forward_passes  # K = 1 for a deterministic model
+    assert torch.equal(counted.x_adv, single.x_adv)

@@ -11,7 +11,8 @@ with K fresh draws of the randomness at every call. Its cross-entropy is -log E_
 loss of the randomized classifier's expected prediction (the objective SmoothAdv uses), whose
 gradient is a weighted average of the per-draw gradients. The K draws are batched (the batch
 repeated K times in one forward pass); ``chunk`` bounds how many copies run at once when memory
-is short. For smoothing defenses the input noise is part of the model's forward pass, so it is
+is short. A model whose draw is shared by a whole forward batch (DCS: one mask per pass) gets one
+draw per pass instead, since K copies in one pass would all see the same mask. For smoothing defenses the input noise is part of the model's forward pass, so it is
 redrawn too.
 
 **BPDA** (Athalye et al., 2018). A model declares, in ``bpda_surrogates()``, the submodules that
@@ -32,6 +33,7 @@ from torch import nn
 from bench.attacks.base import Attack, AttackInfo
 from bench.config import Norm, ThreatModel
 from bench.errors import BenchError
+from bench.models.defended import declared, shares_randomness
 from bench.registry import ATTACKS, register_attack
 
 __all__ = ["BPDA", "EOT", "ExpectationModel", "straight_through"]
@@ -73,7 +75,9 @@ class EOT(Attack):
     """Expectation over transformation around any gradient attack (see the module docstring).
 
     Parameters: ``attack`` (inner attack, default ``pgd``), ``params`` (its parameters, a
-    mapping), ``draws`` (K, default 20), ``chunk`` (draws per forward pass; default all K).
+    mapping), ``draws`` (K, default 20), ``chunk`` (draws per forward pass; default all K, but 1 for a model
+    whose draw is shared by a whole batch, so that the K draws are independent). A deterministic
+    model is attacked with K = 1: its expectation is its prediction.
     """
 
     info = AttackInfo(norms=(Norm.LINF, Norm.L2), stochastic=True, source="bench")
@@ -91,7 +95,12 @@ class EOT(Attack):
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
         chunk = int(self.params["chunk"]) if self.params["chunk"] is not None else None
-        expected = ExpectationModel(model, int(self.params["draws"]), chunk).eval()
+        draws = int(self.params["draws"])
+        if not declared(model, "randomized", False):
+            draws = 1  # the expectation of a deterministic model is its prediction: K copies add nothing
+        elif shares_randomness(model):
+            chunk = 1  # one draw per pass is shared by the batch: K copies in one pass would be one draw
+        expected = ExpectationModel(model, draws, chunk).eval()
         return self.inner.run(expected, x, y, threat)
 
 

@@ -22,6 +22,7 @@ from bench.certifiers.base import Certificate, Certifier, CertifierInfo, check_a
 from bench.certifiers.stats import (BetaBinomialConfidenceSequence, binomial_pvalue, clopper_pearson_lower,
                                     cs_lower_bound, smoothing_radius)
 from bench.errors import BenchError
+from bench.models.defended import shares_randomness
 from bench.registry import register_certifier
 
 __all__ = ["Smoothing", "auto_batch", "certify_counts", "predict", "sample_counts"]
@@ -35,12 +36,6 @@ def auto_batch(x: torch.Tensor) -> int:
         return 512
     per_sample = max(1, x[0].numel())
     return int(min(10_000, max(400, (1 << 22) // per_sample)))
-
-
-def _shared_randomness(model: nn.Module) -> bool:
-    """A randomized model whose draw is shared by a whole forward batch (e.g. random filters drawn
-    once per pass) must see each example at most once per pass, or its samples are not independent."""
-    return bool(getattr(model, "randomized", False)) and not bool(getattr(model, "randomness_per_example", False))
 
 
 def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, batch: int | None = None,
@@ -62,7 +57,7 @@ def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, bat
         x = x.contiguous(memory_format=torch.channels_last)
     counts: torch.Tensor | None = None
     with torch.inference_mode(), autocast:
-        if _shared_randomness(model):
+        if shares_randomness(model):
             for _ in range(num):  # one sample per example per pass: fresh, independent draws
                 noisy = x + sigma * torch.randn_like(x)
                 pred = model(noisy).argmax(dim=1)

@@ -11,6 +11,20 @@ from torch import nn
 from bench.models.normalize import Normalize
 
 
+def declared(model: nn.Module, name: str, default: object = None) -> object:
+    """A declaration (see :class:`DefendedModel`) of ``model`` or of the model it wraps: wrappers
+    such as the attacks' pass counter and EOT's expectation keep the wrapped one in ``.model``."""
+    while not hasattr(model, name) and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model
+    return getattr(model, name, default)
+
+
+def shares_randomness(model: nn.Module) -> bool:
+    """A randomized model whose draw is shared by a whole forward batch (e.g. one random mask per
+    pass): copies of an input in one batch are *not* independent draws of it."""
+    return bool(declared(model, "randomized", False)) and not bool(declared(model, "randomness_per_example", False))
+
+
 class DefendedModel(nn.Module):
     """Maps images in [0, 1], shape (N, C, H, W), to logits.
 
@@ -18,6 +32,9 @@ class DefendedModel(nn.Module):
 
     * ``randomized``: the forward pass draws fresh randomness on every call, in eval mode too.
       Such a model must override :meth:`freeze_randomness`.
+    * ``randomness_per_example``: a randomized model draws independently for every example of a
+      batch (so K copies of an input in one batch are K independent draws); otherwise one draw is
+      shared by the whole pass, and batched sampling must put each input once per pass.
     * ``sigma``: the Gaussian noise level (pixel space) a smoothing certificate should use.
     * ``lipschitz_bound`` and ``lipschitz_guarantee``: a *guaranteed* L2 Lipschitz bound of the
       logit map and how it is guaranteed; ``None`` when there is none.
