@@ -12,6 +12,12 @@ certifies an L2 radius sigma * Phi^-1(p_A). It reads the noise level from ``mode
 this defense sets to the training sigma, since the guarantee is meant for the sigma f was trained at.
 The noise belongs to g, not to f: the built model is deterministic (``randomized = False``), so
 attacks run against it evaluate the base classifier.
+
+Official checkpoints: ``arch`` may also be one of the official code's networks (``cifar_resnet20``,
+``cifar_resnet110``, ``resnet50``; :mod:`bench.models.cohen`) with their official input layer
+(``input_layer``: ``normalize`` = NormalizeLayer, the default and what all of Cohen et al.'s
+released models use, or ``center`` = SmoothAdv's InputCenterLayer); the released
+``checkpoint.pth.tar`` files then load with ``--checkpoint`` (see docs/defenses/rs.md).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from bench.defenses.base import Defense, DefenseInfo, Recipe
-from bench.errors import BenchError
+from bench.errors import BenchError, CheckpointError
+from bench.models.names import ARCH_NAMES, COHEN_ARCH_NAMES, INPUT_LAYERS
 from bench.registry import register_defense
 
 if TYPE_CHECKING:
@@ -32,7 +39,7 @@ if TYPE_CHECKING:
     from bench.harness.training import Perturb, TrainSummary
     from bench.models.defended import DefendedModel
 
-__all__ = ["RandomizedSmoothing", "check_sigma", "gaussian_noise"]
+__all__ = ["RandomizedSmoothing", "check_input_layer", "check_sigma", "gaussian_noise", "resolve_official_hparams"]
 
 # Paper defaults (locuslab/smoothing code/train.py and experiments.MD): SGD lr 0.1, momentum 0.9,
 # weight decay 1e-4, 90 epochs, batch 400, StepLR(step_size=30, gamma=0.1). The shared training
@@ -61,6 +68,47 @@ def check_sigma(value: Any) -> float:
     return sigma
 
 
+_INPUT_LAYER_ALIASES = {"normalize": "normalize", "normalizelayer": "normalize",
+                        "center": "center", "inputcenterlayer": "center", "centre": "center"}
+
+
+def check_input_layer(value: Any, name: str = "rs") -> str:
+    """``normalize`` or ``center`` (the official class names NormalizeLayer / InputCenterLayer are
+    accepted too), else a one-line :class:`BenchError`."""
+    kind = _INPUT_LAYER_ALIASES.get(str(value).strip().lower()) if isinstance(value, str) else None
+    if kind is None:
+        raise BenchError(f"{name}: input_layer must be one of {', '.join(INPUT_LAYERS)} "
+                         f"(official NormalizeLayer / InputCenterLayer), got {value!r}")
+    return kind
+
+
+def resolve_official_hparams(defense: Defense, given: dict[str, Any], image_size: int,
+                             recipe: str | None = None) -> dict[str, Any]:
+    """``Defense.resolve_hparams`` for a smoothing defense that also offers the official networks.
+
+    ``defense.hparams`` must hold ``arch`` and ``input_layer``. With ``arch`` one of
+    ``COHEN_ARCH_NAMES`` the result keeps it and a checked ``input_layer`` (default: the
+    defense's); with any other ``arch`` (bench's own backbones, ``auto``) ``input_layer`` is left
+    out of the result, so those models' stored hyperparameters and cache keys do not change,
+    and giving it is an error.
+    """
+    arch = str(given.get("arch", defense.hparams["arch"]))
+    official = arch in COHEN_ARCH_NAMES
+    if not official and arch != "auto" and arch not in ARCH_NAMES:
+        raise BenchError(f"{defense.name}: unknown architecture '{arch}'; known: auto, "
+                         f"{', '.join(ARCH_NAMES + COHEN_ARCH_NAMES)}")
+    if "input_layer" in given and not official:
+        raise BenchError(f"{defense.name}: input_layer applies only to the official architectures "
+                         f"({', '.join(COHEN_ARCH_NAMES)}), not to arch={arch}")
+    plain = {k: v for k, v in given.items() if k != "input_layer" and not (k == "arch" and official)}
+    resolved = Defense.resolve_hparams(defense, plain, image_size, recipe)
+    layer = resolved.pop("input_layer", "normalize")
+    if official:
+        resolved["arch"] = arch
+        resolved["input_layer"] = check_input_layer(given.get("input_layer", layer), defense.name)
+    return resolved
+
+
 def gaussian_noise(sigma: float) -> Perturb:
     """The training perturbation: ``x + sigma * randn_like(x)``, fresh noise per image and call.
 
@@ -87,7 +135,10 @@ class RandomizedSmoothing(Defense):
     Certified: the smoothed classifier g(x) = argmax_c P[f(x + eps) = c], eps ~ N(0, sigma^2 I),
     by a smoothing certifier reading ``model.sigma`` (L2 radius sigma * Phi^-1(p_A)).
 
-    Hyperparameters: ``sigma`` (default 0.25, pixel space) and ``arch``.
+    Hyperparameters: ``sigma`` (default 0.25, pixel space), ``arch`` (bench's backbones, or the
+    official ``cifar_resnet20`` / ``cifar_resnet110`` / ``resnet50``) and, for the official
+    networks only, ``input_layer`` (``normalize``, the default, or ``center``). Official
+    ``checkpoint.pth.tar`` files load through :meth:`load_state_dict`.
     """
 
     info = DefenseInfo(paper="Certified Adversarial Robustness via Randomized Smoothing (Cohen, Rosenfeld, Kolter)",
@@ -96,18 +147,42 @@ class RandomizedSmoothing(Defense):
                        url="https://arxiv.org/abs/1902.02918",
                        summary="base classifier trained with Gaussian noise; smoothed classifier certified in L2")
     recipes = {"paper": _PAPER, "cpu": _CPU}
-    hparams = {"arch": "auto", "sigma": 0.25}
+    # input_layer: Cohen et al. released only NormalizeLayer models; it applies to the official archs only
+    hparams = {"arch": "auto", "sigma": 0.25, "input_layer": "normalize"}
 
     def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
-        resolved = super().resolve_hparams(given, image_size, recipe)
+        resolved = resolve_official_hparams(self, given, image_size, recipe)
         resolved["sigma"] = check_sigma(resolved["sigma"])  # a float, so stored rows and cache keys agree
         return resolved
 
     def build(self, spec: DatasetSpec, image_size: int, **hparams: Any) -> DefendedModel:
         sigma = check_sigma(hparams.get("sigma", self.hparams["sigma"]))
-        model = super().build(spec, image_size, **hparams)
+        arch = str(hparams.get("arch", self.hparams["arch"]))
+        if arch in COHEN_ARCH_NAMES:
+            from bench.models.cohen import build_cohen_model
+
+            layer = check_input_layer(hparams.get("input_layer", self.hparams["input_layer"]), self.name)
+            model = build_cohen_model(spec, image_size, arch, layer)
+        else:
+            model = super().build(spec, image_size, **hparams)
         model.sigma = sigma  # the noise level of the smoothed classifier, read by the certifier
         return model
+
+    def load_state_dict(self, model: DefendedModel, state: dict[str, Any]) -> None:
+        """Bench's own checkpoints, or (official architectures) an official ``checkpoint.pth.tar``
+        state dict through :func:`bench.models.cohen.load_cohen_state_dict`."""
+        from bench.models.cohen import load_cohen_state_dict, looks_official
+
+        if getattr(model, "cohen_arch", None) is not None:
+            load_cohen_state_dict(model, state, name=self.name)
+            return
+        found = looks_official(state)
+        if found is not None:
+            hint = (f"build that network with --hparam arch={found}" if found in COHEN_ARCH_NAMES
+                    else f"bench builds {', '.join(COHEN_ARCH_NAMES)}")
+            raise CheckpointError(f"{self.name}: this is an official randomized-smoothing checkpoint of {found}, "
+                                  f"not of bench's backbone; {hint}")
+        super().load_state_dict(model, state)
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
             device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:

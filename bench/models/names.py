@@ -15,3 +15,12 @@ def resolve_arch(arch: str, image_size: int, recipe: str | None = None) -> str:
     if arch not in ARCH_NAMES:
         raise BenchError(f"unknown architecture '{arch}'; known: auto, {', '.join(ARCH_NAMES)}")
     return arch
+
+
+# The architectures of the official randomized-smoothing code (locuslab/smoothing,
+# Hadisalman/smoothing-adversarial), built with the official state_dict names by
+# :mod:`bench.models.cohen`; offered by the smoothing defenses, not by every defense.
+COHEN_ARCH_NAMES = ("cifar_resnet20", "cifar_resnet110", "resnet50")
+# Their input layer: ``normalize`` = the official NormalizeLayer ((x - mean) / std),
+# ``center`` = the official InputCenterLayer (x - mean).
+INPUT_LAYERS = ("normalize", "center")
