@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pathlib import Path
 
 import pytest
@@ -245,8 +247,8 @@ def test_info_and_protocols() -> None:
     info = DEFENSES.get("dcs").info
     assert info.paper.startswith("Adversarial Robustness via Deformable Convolution with Stochasticity")
     assert info.year == 2025 and info.kind == "randomized" and info.randomized is True
-    assert info.authors_protocol == "transfer-draw" and info.default_protocol is None
-    assert resolve(RunConfig(defense="dcs", dataset="synthetic")).protocol.name == "adaptive"
+    assert info.authors_protocol == "transfer-draw" and info.default_protocol == "quick"
+    assert resolve(RunConfig(defense="dcs", dataset="synthetic")).protocol.name == "quick"
     assert "Ma et al." in DEFENSES.summary("dcs")
 
 
@@ -255,7 +257,9 @@ def test_recipes() -> None:
     assert (paper.epochs, paper.batch_size, paper.optimizer, paper.lr, paper.momentum) == (200, 128, "sgd", 0.1, 0.9)
     assert (paper.weight_decay, paper.schedule, paper.milestones, paper.gamma) == (5e-4, "multistep", (60, 120), 0.1)
     assert (paper.adv_steps, paper.adv_norm, paper.adv_eps) == (7, "Linf", None)
-    assert cpu == DEFENSES.get("pgd-at")().recipe("cpu")
+    # the cpu preset is pgd-at's, plus the held-out validation split for model selection
+    assert dict(paper.extra) == dict(cpu.extra) == {"validation": 0.1}
+    assert replace(cpu, extra=()) == DEFENSES.get("pgd-at")().recipe("cpu")
 
 
 # -- GSAT ----------------------------------------------------------------------------------------
@@ -306,6 +310,28 @@ def test_a_few_gsat_epochs_reduce_the_loss() -> None:
     summary = dcs().fit(model, train, recipe, spec=spec, device=CPU, seed=0)
     losses = [h["loss"] for h in summary.history]
     assert losses[-1] < losses[0] * 0.8, losses
+
+
+def test_model_selection_holds_out_a_validation_split_and_keeps_the_best_epoch(monkeypatch) -> None:
+    import bench.defenses.dcs as module
+
+    spec, train = get_dataset("synthetic").spec, get_dataset("synthetic").load("train")
+    seen: list[int] = []
+    original = module.robust_accuracy_on
+
+    def spy(val, recipe, spec, device):
+        seen.extend(val.indices.tolist())
+        return original(val, recipe, spec, device)
+
+    monkeypatch.setattr(module, "robust_accuracy_on", spy)
+    recipe = Recipe(epochs=2, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="none",
+                    adv_steps=1, extra=(("validation", 0.25),))
+    summary = dcs().fit(build(), train, recipe, spec=spec, device=CPU, seed=0)
+    assert 0.2 * len(train) < len(seen) < 0.3 * len(train)
+    assert summary.steps == 2 * -(-(len(train) - len(seen)) // 64)  # trained on the rest only
+    scores = [h["val_score"] for h in summary.history]
+    assert all(0.0 <= v <= 1.0 for v in scores)
+    assert summary.selected_epoch == 1 + scores.index(max(scores))
 
 
 def test_fit_refuses_a_model_without_masks() -> None:

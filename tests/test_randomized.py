@@ -194,3 +194,23 @@ def test_draws_option_sets_r_and_is_validated(tmp_path):
     for args, fragment in ((["--draws", "0"], "--draws"), (["--protocol", "pgd", "--draws", "3"], "cannot be combined")):
         bad = cli.invoke(app, ["run", "--defense", "test-noisy", "--dataset", "synthetic", *args, "--db", db])
         assert bad.exit_code == 2 and fragment in bad.stderr, bad.stderr
+
+
+def test_quick_protocol_is_adaptive_cpu_sized_and_certifies_with_the_defense_s_certificates():
+    from bench.harness.protocol import is_adaptive
+    from bench.harness.runner import resolve
+
+    hycas = resolve(RunConfig(defense="hycas", dataset="digits")).protocol  # the seed defenses' default
+    assert hycas.key == "quick@1" and is_adaptive("quick") and hycas.draws == 10 and hycas.n_examples == 200
+    assert [(a.attack, a.threat.label) for a in hycas.attacks] == [
+        ("eot", "Linf 0.1"), ("square", "Linf 0.1"), ("eot", "L2 0.5"), ("square", "L2 0.5")]
+    assert dict(hycas.attacks[0].params)["draws"] == 10 and dict(hycas.attacks[1].params)["n_queries"] == 1000
+    assert [(c.certifier, c.kwargs) for c in hycas.certifiers] == [("smoothing", {"n": 2000}),
+                                                                   ("lipschitz", {"n": 500})]
+    # a baseline under quick: the same attacks, no certificate (and no error)
+    plain = resolve(RunConfig(defense="standard", dataset="digits", protocol="quick")).protocol
+    assert plain.attacks == hycas.attacks and plain.certifiers == ()
+    assert resolve(RunConfig(defense="hycas", dataset="digits", n_examples=50)).protocol.n_examples == 50
+    # certify@1 keeps Cohen's sizes
+    full = resolve(RunConfig(defense="hycas", dataset="digits", protocol="certify")).protocol
+    assert [(c.certifier, c.kwargs) for c in full.certifiers] == [("smoothing", {}), ("lipschitz", {})]

@@ -396,3 +396,71 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path) -> None:
     assert [h["epoch"] for h in summary.history] == [1, 2, 3, 4]
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# -- model selection -------------------------------------------------------------------------
+def test_fit_keeps_the_best_scoring_epoch_and_leaves_training_randomness_alone(train: Split) -> None:
+    scores = iter([0.2, 0.9, 0.4])
+    snapshots = []
+
+    def select(model: nn.Module) -> float:
+        assert not model.training
+        torch.rand(100)  # selection may draw randomness: the training stream must not move
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    selected, plain = linear_model(0), linear_model(0)
+    summary = fit(selected, train, TINY, device=CPU, seed=3, select=select)
+    reference = fit(plain, train, TINY, device=CPU, seed=3)
+    assert summary.selected_epoch == 2 and summary.selection_score == 0.9
+    assert [h["val_score"] for h in summary.history] == [0.2, 0.9, 0.4]
+    assert [h["loss"] for h in summary.history] == [h["loss"] for h in reference.history]  # same training
+    kept = selected.state_dict()
+    assert all(torch.equal(kept[k], snapshots[1][k]) for k in kept)  # epoch 2's weights, not the last
+    assert not all(torch.equal(kept[k], plain.state_dict()[k]) for k in kept)
+    assert not selected.training
+
+
+def test_fit_selection_survives_an_interruption(train: Split, tmp_path: Path) -> None:
+    scores = {1: 0.7, 2: 0.1, 3: 0.3}
+    state = tmp_path / "resume.pt"
+
+    def scorer(done: int, interrupt_at: int | None = None):
+        epoch = {"n": done}
+
+        def select(model: nn.Module) -> float:
+            epoch["n"] += 1
+            if epoch["n"] == interrupt_at:
+                raise KeyboardInterrupt
+            return scores[epoch["n"]]
+
+        return select
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(linear_model(0), train, TINY, device=CPU, seed=0, resume=state, select=scorer(0, interrupt_at=3))
+    assert state.exists()  # epochs 1 and 2 saved (with epoch 1's weights as the best so far)
+    resumed = linear_model(0)
+    summary = fit(resumed, train, TINY, device=CPU, seed=0, resume=state, select=scorer(2))
+    full = linear_model(0)
+    reference = fit(full, train, TINY, device=CPU, seed=0, select=scorer(0))
+    assert summary.selected_epoch == reference.selected_epoch == 1
+    assert all(torch.equal(resumed.state_dict()[k], full.state_dict()[k]) for k in full.state_dict())
+
+
+def test_holdout_is_grouped_stratified_and_disjoint(train: Split) -> None:
+    from bench.data.splits import holdout
+
+    groups = [f"g{i // 2}" for i in range(len(train))]  # pairs of images share a group (a lesion)
+    data = Split(train.dataset, "train", train.images, train.labels, meta={"groups": groups})
+    fit_part, val = holdout(data, 0.25, seed=0)
+    assert len(fit_part) + len(val) == len(data)
+    assert set(fit_part.indices.tolist()).isdisjoint(val.indices.tolist())
+    assert set(fit_part.meta["groups"]).isdisjoint(val.meta["groups"])
+    assert 0.2 < len(val) / len(data) < 0.3
+    for c in range(4):  # every class on both sides, in about the same share
+        share = float((val.labels == c).sum()) / float((data.labels == c).sum())
+        assert 0.1 < share < 0.4, (c, share)
+    again, _ = holdout(data, 0.25, seed=0)
+    assert torch.equal(again.indices, fit_part.indices)
+    with pytest.raises(ValueError):
+        holdout(data, 1.5, seed=0)

@@ -67,6 +67,7 @@ class HAM10000(Dataset):
         root = self.require_root(root, f"{METADATA} and HAM10000_images_part_1/, HAM10000_images_part_2/")
         if split == "isic2018-test":
             ids, labels = self._isic_test(root)
+            groups = ids  # the ISIC 2018 test list has no lesion ids
             dirs = TEST_DIRS
         else:
             table = read_csv(root / METADATA, ("lesion_id", "image_id", "dx"), self)
@@ -79,6 +80,7 @@ class HAM10000(Dataset):
             assignment = split_assignment(table)
             chosen = np.flatnonzero(assignment == split)
             ids = table["image_id"].to_numpy()[chosen]
+            groups = table["lesion_id"].astype(str).to_numpy()[chosen]
             labels = np.array([CLASSES.index(d) for d in table["dx"].to_numpy()[chosen]], dtype=np.int64)
             dirs = IMAGE_DIRS
         files = find_files(root, dirs, "ISIC_*.jpg")
@@ -95,7 +97,7 @@ class HAM10000(Dataset):
         return Split("ham10000", split, images, torch.from_numpy(labels[positions]),
                      indices=torch.from_numpy(isic_numbers(ids[positions])),
                      meta={"missing_files": int((~present).sum()), "expected_files": int(len(ids)),
-                           "image_ids": ids[positions].tolist()})
+                           "image_ids": ids[positions].tolist(), "groups": groups[positions].tolist()})
 
     def _isic_test(self, root: Path) -> tuple[np.ndarray, np.ndarray]:
         columns = ("image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")

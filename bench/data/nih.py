@@ -87,6 +87,7 @@ class _NIH(Dataset):
                      indices=torch.from_numpy(chosen[keep].astype(np.int64)),
                      meta={"missing_files": int((~present).sum()), "expected_files": int(len(names)),
                            "image_names": names[keep].tolist(),
+                           "groups": table["Patient ID"].astype(str).to_numpy()[chosen][keep].tolist(),
                            "official_split": _has_official_lists(root)})
 
     def _assignment(self, root: Path, table: Any, multihot: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,3 +48,28 @@ def grouped_stratified_split(groups: Sequence[object], strata: Sequence[object],
             assignment[g] = names[k]
             filled[k] += size
     return np.asarray(assignment[group_of], dtype=object)
+
+
+def holdout(split: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Split a training :class:`~bench.data.base.Split` into (train, validation) for model selection.
+
+    Stratified by label (multilabel: by the label set) and grouped by ``meta["groups"]`` when the
+    dataset provides it (HAM10000 lesions, NIH patients), so no lesion or patient is on both sides.
+    About ``fraction`` of the items go to validation; both parts keep their positions in the split.
+    """
+    import torch
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    n = len(split)
+    groups = split.meta.get("groups")
+    if not isinstance(groups, list) or len(groups) != n:
+        groups = list(range(n))
+    labels = split.labels
+    strata = [str(row) for row in labels.tolist()] if labels.ndim > 1 else labels.tolist()
+    names = grouped_stratified_split(groups, strata, {"train": 1 - fraction, "val": fraction}, seed)
+    train = torch.from_numpy(np.flatnonzero(names == "train"))
+    val = torch.from_numpy(np.flatnonzero(names == "val"))
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"cannot hold out a validation split from {n} training items")
+    return split.subset(train), split.subset(val)

@@ -45,11 +45,13 @@ WRN_LAYOUT_NAMES = ("official", "four-random")  # bench.models.dcs.WRN_LAYOUTS, 
 # Paper (Sec. 5.1) and official train.py: SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128,
 # 200 epochs, MultiStepLR at epochs 60 and 120 (hard-coded in train.py), gamma 0.1; PGD-7 training.
 _PAPER = Recipe(epochs=200, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-                schedule="multistep", milestones=(60, 120), gamma=0.1, adv_steps=7, adv_norm="Linf")
+                schedule="multistep", milestones=(60, 120), gamma=0.1, adv_steps=7, adv_norm="Linf",
+                extra=(("validation", 0.1),))
 # CPU preset: the pgd-at baseline's (Adam 1e-3, cosine, at most 20 epochs / ~30,000 examples seen),
 # so that dcs and pgd-at trained on CPU differ only in the model and GSAT.
 _CPU = Recipe(epochs=20, batch_size=64, optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0,
-              schedule="cosine", max_examples=30_000, adv_steps=7, adv_norm="Linf")
+              schedule="cosine", max_examples=30_000, adv_steps=7, adv_norm="Linf", extra=(("validation", 0.1),))
+VALIDATION_CAP = 1000  # validation examples scored per epoch for model selection
 
 STEP_FRACTION = 0.25  # the paper's step 2/255 at eps 8/255, kept as a fraction of each dataset's eps
 
@@ -176,6 +178,27 @@ def _mismatch_report(model: DefendedModel, state: dict[str, Any]) -> str | None:
     return "\n".join(lines) or None
 
 
+def robust_accuracy_on(val: Split, recipe: Recipe, spec: DatasetSpec, device: torch.device) -> Any:
+    """Model-selection score: accuracy on ``val`` under the training attack (PGD at the training
+    threat, ``recipe.adv_steps`` steps, at least 7), with fresh masks at every pass."""
+    from bench.defenses.baselines import training_threat
+    from bench.registry import ATTACKS
+
+    threat = training_threat(recipe, spec)
+    steps = max(7, recipe.adv_steps)
+    step = recipe.adv_step_size if recipe.adv_step_size is not None else STEP_FRACTION * threat.eps
+    attack = ATTACKS.get("pgd")(steps=steps, step_size=step, random_start=True)
+
+    def score(model: Any) -> float:
+        correct = 0
+        for begin in range(0, len(val), 256):
+            x, y = val.images[begin:begin + 256].to(device), val.labels[begin:begin + 256].to(device)
+            correct += int((~attack(model, x, y, threat).success).sum())
+        return correct / len(val)
+
+    return score
+
+
 @register_defense("dcs")
 class DCS(Defense):
     """Ma et al. (ICML 2025) deformable convolution with stochasticity, trained with GSAT.
@@ -194,7 +217,7 @@ class DCS(Defense):
 
     info = DefenseInfo(paper="Adversarial Robustness via Deformable Convolution with Stochasticity "
                              "(Ma, Huang, Dong, You, Xu; ICML 2025)",
-                       year=2025, kind="randomized", randomized=True, authors_protocol="transfer-draw",
+                       year=2025, kind="randomized", randomized=True, authors_protocol="transfer-draw", default_protocol="quick",
                        url="https://github.com/theSleepyPig/Deformable_Convolution_with_Stochasticity",
                        summary="random k x k conv masks with n taps (fresh per forward pass), GSAT training")
     recipes = {"paper": _PAPER, "cpu": _CPU}
@@ -225,8 +248,14 @@ class DCS(Defense):
         """GSAT: PGD-AT against a frozen mask M1, training step on a disjoint fresh mask M2.
 
         eps is the recipe's, else the dataset's default Linf eps (8/255 on CIFAR); the step is
-        the recipe's, else eps / 4 (the paper's 2/255 at 8/255). The last epoch's weights are
-        kept: there is no model selection (the official code selects on the test set).
+        the recipe's, else eps / 4 (the paper's 2/255 at 8/255).
+
+        Model selection (the official code keeps the epoch with the best PGD accuracy *on the test
+        set*): the recipe's ``validation`` fraction of the training split (default 10 %, grouped
+        and stratified, see :func:`bench.data.splits.holdout`) is held out, the model trains on
+        the rest, and after every epoch the training attack (PGD, fresh masks per pass) is run on
+        up to 1,000 validation images; the epoch with the best robust validation accuracy is kept.
+        ``validation`` 0 keeps the last epoch.
         """
         from bench.defenses.baselines import training_threat
         from bench.harness.training import fit
@@ -240,8 +269,18 @@ class DCS(Defense):
             step = recipe.adv_step_size if recipe.adv_step_size is not None else STEP_FRACTION * threat.eps
             attack = ATTACKS.get("pgd")(steps=recipe.adv_steps, step_size=step, random_start=True)
             perturb = gsat_perturb(attack, threat)
+        select = None
+        fraction = float(dict(recipe.extra).get("validation", 0.0))
+        if fraction > 0:
+            import torch
+
+            from bench.data.splits import holdout
+
+            train, val = holdout(train, fraction, seed)
+            val = val.subset(torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:VALIDATION_CAP])
+            select = robust_accuracy_on(val, recipe, spec, device)
         return fit(model, train, recipe, device=device, seed=seed, progress=progress, perturb=perturb,
-                   balance_classes=recipe.balances(spec), resume=resume)
+                   balance_classes=recipe.balances(spec), resume=resume, select=select)
 
     def load_state_dict(self, model: DefendedModel, state: dict[str, Any]) -> None:
         """Load bench's own checkpoints, or official DCS ones through :func:`official_to_bench`."""

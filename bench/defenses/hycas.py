@@ -246,7 +246,7 @@ class HyCAS(Defense):
     info = DefenseInfo(paper="HyCAS: Certified vs. Empirical Adversarial Robustness via Hybrid Convolutions with "
                              "Attention Stochasticity (Dhar et al.)",
                        year=2026, kind="certified", randomized=True, certificates=("smoothing", "lipschitz"),
-                       authors_protocol=None, url="https://arxiv.org/abs/2605.01519",
+                       authors_protocol=None, default_protocol="quick", url="https://arxiv.org/abs/2605.01519",
                        summary="AOL 1-Lipschitz convs + fresh random projections + noisy attention gate: "
                                "<= 2-Lipschitz by construction, Gaussian-noise training")
     recipes = {"paper": _PAPER, "cpu": _CPU}

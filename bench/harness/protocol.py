@@ -94,6 +94,29 @@ def _certify_v1(spec: DatasetSpec) -> Protocol:
                                 "at the dataset's radius grid")
 
 
+def _quick_v1(spec: DatasetSpec) -> Protocol:
+    attacks: list[AttackSpec] = []
+    for t in spec.threat_models:
+        attacks += [
+            AttackSpec("eot", t, (("attack", "pgd"), ("draws", 10), ("params", {"restarts": 1, "steps": 20}))),
+            AttackSpec("square", t, (("n_queries", 1000), ("seed", 0))),
+        ]
+    return Protocol("quick", 1, tuple(attacks), n_examples=200, draws=10,
+                    description="CPU-sized adaptive evaluation and certification, the default of the seed "
+                                "defenses: on a seeded subset of 200 examples, EOT-PGD-20 (K=10 draws; plain "
+                                "PGD-20 for deterministic models) then Square 1000 queries per threat model, "
+                                "each adversarial example scored with R=10 fresh draws (worst-of-R), then the "
+                                "defense's own certificates (smoothing: n0=100, n=2,000, alpha=0.001; "
+                                "lipschitz: n=500 draws of a randomized model). Weaker than adaptive@1 "
+                                "(no AutoAttack rand) and certify@1 (n=100,000)")
+
+
+# certifier parameters of the protocols that certify (CPU-sized in quick)
+CERTIFY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "certify": {},
+    "quick": {"smoothing": {"n": 2000}, "lipschitz": {"n": 500}},
+}
+
 # name -> {version -> builder}; the highest version is the default
 PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
     "pgd": {1: _pgd_v1},
@@ -103,8 +126,9 @@ PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
     "transfer-draw": {1: _transfer_draw_v1},
     "single-draw": {1: _single_draw_v1},
     "certify": {1: _certify_v1},
+    "quick": {1: _quick_v1},
 }
-CERTIFY_PROTOCOLS = ("certify",)  # protocols whose certifiers are the defense's declared certificates
+CERTIFY_PROTOCOLS = tuple(CERTIFY_DEFAULTS)  # protocols whose certifiers are the defense's declared certificates
 # the protocol a run gets without --protocol: randomized defenses are evaluated adaptively
 DEFAULT_RANDOMIZED_PROTOCOL = "adaptive"
 
@@ -120,7 +144,7 @@ def describe_protocols() -> list[dict[str, Any]]:
 
 
 THREAT_PROTOCOL = re.compile(r"^(linf|l2)-([0-9.]+(?:/[0-9.]+)?)(-rand)?$")
-ADAPTIVE_PROTOCOLS = ("adaptive",)  # protocols that evaluate randomized models adaptively
+ADAPTIVE_PROTOCOLS = ("adaptive", "quick")  # protocols that evaluate randomized models adaptively
 
 
 def _threat_protocol(base: str, spec: DatasetSpec) -> Callable[[DatasetSpec], Protocol] | None:
@@ -182,9 +206,11 @@ def route_params(attack: str, overrides: dict[str, Any]) -> tuple[dict[str, Any]
     return own, used
 
 
-def _certifiers(config: RunConfig, certificates: tuple[str, ...]) -> tuple[CertifySpec, ...]:
+def _certifiers(config: RunConfig, certificates: tuple[str, ...],
+                protocol_params: dict[str, dict[str, Any]] | None = None) -> tuple[CertifySpec, ...]:
     """The certifiers a run asks for (``--certify``, else the defense's declared certificates)
-    with the certification options routed to those that take them."""
+    with the certification options routed to those that take them (``protocol_params``: a named
+    protocol's own parameters per certifier, e.g. quick's smaller n)."""
     from bench.registry import CERTIFIERS
 
     names = tuple(CERTIFIERS.normalize(c) for c in config.certify) or certificates
@@ -196,7 +222,7 @@ def _certifiers(config: RunConfig, certificates: tuple[str, ...]) -> tuple[Certi
     used: set[str] = set()
     for name in names:
         defaults = CERTIFIERS.get(name).defaults
-        own = {k: v for k, v in overrides.items() if k in defaults}
+        own = {**(protocol_params or {}).get(name, {}), **{k: v for k, v in overrides.items() if k in defaults}}
         used |= set(own)
         CERTIFIERS.get(name)(**own)  # validates the parameters now, before any training
         specs.append(CertifySpec(name, tuple(sorted(own.items()))))
@@ -253,9 +279,10 @@ def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = Fa
         protocol = _custom(config, spec, certificates)
     else:
         protocol = _named(config.protocol or default, spec)
-        if protocol.name in CERTIFY_PROTOCOLS:
-            protocol = replace(protocol, certifiers=_certifiers(config, certificates))
-    n_examples = config.n_examples if config.n_examples is not None else spec.eval_subset
+        if protocol.name in CERTIFY_PROTOCOLS and (certificates or not protocol.attacks):
+            # certify@1 needs a certificate; quick@1 certifies only defenses that declare one
+            protocol = replace(protocol, certifiers=_certifiers(config, certificates, CERTIFY_DEFAULTS[protocol.name]))
+    n_examples = config.n_examples if config.n_examples is not None else (protocol.n_examples or spec.eval_subset)
     if n_examples is not None:
         protocol = replace(protocol, n_examples=n_examples)
     return protocol

@@ -16,6 +16,8 @@ from bench.harness.progress import Progress
 
 Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar
+Select = Callable[[nn.Module], float]  # model (in eval mode) -> validation score, higher is better
+Best = tuple[float, int, dict[str, torch.Tensor]]  # (score, epoch, weights)
 
 
 @dataclass
@@ -26,23 +28,27 @@ class TrainSummary:
     final_loss: float
     final_train_accuracy: float
     history: list[dict[str, float]] = field(default_factory=list)
+    selected_epoch: int | None = None  # with model selection: the epoch whose weights were kept
+    selection_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _save_state(path: Path, epoch: int, steps: int, history: list[dict[str, float]], model: nn.Module,
-                optimizer: torch.optim.Optimizer, scheduler: Any, shuffle: torch.Generator) -> None:
+                optimizer: torch.optim.Optimizer, scheduler: Any, shuffle: torch.Generator,
+                best: Best | None = None) -> None:
     from bench.harness.checkpoints import atomic_save
 
     atomic_save(path, {"epoch": epoch, "steps": steps, "history": history, "model": model.state_dict(),
+                       "best": None if best is None else {"score": best[0], "epoch": best[1], "model": best[2]},
                        "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
                        "shuffle": shuffle.get_state(), "torch_rng": torch.get_rng_state()})
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             shuffle: torch.Generator) -> tuple[int, int, list[dict[str, float]]]:
+             shuffle: torch.Generator) -> tuple[int, int, list[dict[str, float]], Best | None]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -50,7 +56,9 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
         scheduler.load_state_dict(state["scheduler"])
     shuffle.set_state(state["shuffle"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"]), int(state["steps"]), list(state["history"])
+    best = state.get("best")
+    kept = None if best is None else (float(best["score"]), int(best["epoch"]), dict(best["model"]))
+    return int(state["epoch"]), int(state["steps"]), list(state["history"]), kept
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -72,7 +80,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
 
 def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device, seed: int = 0,
         progress: Progress | None = None, perturb: Perturb | None = None, loss_fn: Loss | None = None,
-        balance_classes: bool = False, resume: Path | None = None) -> TrainSummary:
+        balance_classes: bool = False, resume: Path | None = None, select: Select | None = None,
+        select_every: int = 1) -> TrainSummary:
     """Train ``model`` in place for ``recipe.epochs_for(len(train))`` epochs of shuffled mini-batches.
 
     The loss defaults to the model's task loss (cross-entropy, or summed binary cross-entropy
@@ -80,6 +89,11 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
     ``perturb(model, x, y)``, when given, replaces each clean batch by a perturbed one (computed
     with the model in eval mode), which is how adversarial training plugs in. Shuffling and any
     randomness in ``perturb`` are seeded from ``seed``.
+
+    Model selection: with ``select``, the model is scored after every ``select_every`` epochs
+    and after the last one (``select(model)``, e.g. robust accuracy on a held-out validation
+    split, never the test split), and the best-scoring weights are restored at the end. The
+    scoring runs on a forked RNG, so it does not change the training's random stream.
     """
     from bench import tasks
 
@@ -101,9 +115,10 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
     history: list[dict[str, float]] = []
     steps = 0
     first_epoch = 0
+    best: Best | None = None
     start = time.perf_counter()
     if resume is not None and resume.exists():
-        first_epoch, steps, history = _restore(resume, model, optimizer, scheduler, shuffle)
+        first_epoch, steps, history, best = _restore(resume, model, optimizer, scheduler, shuffle)
         progress.log(f"resuming training after epoch {first_epoch} from {resume}")
     with progress.task(f"training ({n} images)", total=epochs) as bar:
         bar.advance(first_epoch)
@@ -128,13 +143,33 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
             if scheduler is not None:
                 scheduler.step()
             record = {"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n}
+            if select is not None and ((epoch + 1) % select_every == 0 or epoch + 1 == epochs):
+                record["val_score"] = score = _score(select, model, device, seed + 7919 * (epoch + 1))
+                if best is None or score > best[0]:
+                    best = (score, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
             history.append(record)
             if resume is not None:
-                _save_state(resume, epoch + 1, steps, history, model, optimizer, scheduler, shuffle)
+                _save_state(resume, epoch + 1, steps, history, model, optimizer, scheduler, shuffle, best)
             bar.advance(1, loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
     model.eval()
+    if best is not None:
+        model.load_state_dict(best[2])
+        progress.log(f"model selection: kept epoch {best[1]} of {epochs} (validation score {best[0]:.4f})")
     if resume is not None:
         resume.unlink(missing_ok=True)
     last = history[-1]
     return TrainSummary(epochs=epochs, steps=steps, seconds=time.perf_counter() - start,
-                        final_loss=last["loss"], final_train_accuracy=last["train_accuracy"], history=history)
+                        final_loss=last["loss"], final_train_accuracy=last["train_accuracy"], history=history,
+                        selected_epoch=None if best is None else best[1],
+                        selection_score=None if best is None else best[0])
+
+
+def _score(select: Select, model: nn.Module, device: torch.device, seed: int) -> float:
+    """``select(model)`` in eval mode, on a forked and seeded RNG (training's stream is untouched)."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model.eval()
+        score = float(select(model))
+    model.train()
+    return score
