@@ -289,6 +289,8 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
         "rs": ("bench.defenses.smoothing:RandomizedSmoothing", "Cohen et al. 2019 Gaussian randomized smoothing"),
         "dcs": ("bench.defenses.dcs:DCS", "Ma et al. 2025 deformable convolution with stochasticity, GSAT training"),
         "hycas": ("bench.defenses.hycas:HyCAS", "Dhar et al. 2026 HyCAS, <= 2-Lipschitz by construction (AOL)"),
+        "dds": ("bench.defenses.dds:DDS", "Carlini et al. 2023 diffusion denoised smoothing (DDPM one-shot denoiser)"),
+        "dds-rcs": ("bench.defenses.dds:DDSRobust", "Hedayatnia et al. 2025 DDS with a covariate-shift-robust classifier"),
     },
     ATTACKS: {
         "pgd": ("bench.attacks.pgd:PGD", "projected gradient descent, Linf and L2 (torchattacks)"),
@@ -304,6 +306,7 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
         "autoattack": ("bench.attacks.autoattack:AutoAttackSuite", "AutoAttack standard/plus/rand (pyautoattack)"),
         "eot": ("bench.attacks.wrappers:EOT", "expectation over transformation around any gradient attack"),
         "bpda": ("bench.attacks.wrappers:BPDA", "backward-pass differentiable approximation around any gradient attack"),
+        "smoothadv": ("bench.attacks.smoothadv:SmoothAdv", "Salman et al. 2019 PGD on the soft smoothed classifier"),
     },
     CERTIFIERS: {
         "smoothing": ("bench.certifiers.smoothing:Smoothing", "randomized smoothing CERTIFY (Cohen et al. 2019)"),

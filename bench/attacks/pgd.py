@@ -77,8 +77,12 @@ class PGD(Attack):
 
 def pgd_loss_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, alpha: float,
                     steps: int, random_start: bool,
-                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """PGD maximising ``loss_fn``: signed steps (Linf) or normalised gradient steps (L2)."""
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    random_direction_on_zero: bool = False) -> torch.Tensor:
+    """PGD maximising ``loss_fn``: signed steps (Linf) or normalised gradient steps (L2).
+
+    ``random_direction_on_zero``: an L2 step whose gradient is exactly zero goes in a random
+    unit direction instead of nowhere (SmoothAdv's official PGD_L2 does this)."""
     x_adv = x.clone()
     if random_start:
         if threat.norm is Norm.LINF:
@@ -95,6 +99,10 @@ def pgd_loss_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: 
         if threat.norm is Norm.LINF:
             step = alpha * grad.sign()
         else:
-            step = alpha * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1).clamp_min(1e-12)
+            if random_direction_on_zero:
+                zero = grad.flatten(1).norm(dim=1) == 0
+                if bool(zero.any()):
+                    grad = torch.where(zero.view(-1, *[1] * (grad.ndim - 1)), torch.randn_like(grad), grad)
+            step = alpha * grad / grad.flatten(1).norm(dim=1).view(-1, *[1] * (grad.ndim - 1)).clamp_min(1e-12)
         x_adv = project(x, x_adv.detach() + step, threat)
     return x_adv.detach()

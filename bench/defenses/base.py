@@ -44,6 +44,9 @@ class DefenseInfo:
     certificates: tuple[str, ...] = ()  # certifier names that apply
     authors_protocol: str | None = None  # protocol name that replays the authors' evaluation
     default_protocol: str | None = None  # protocol a run gets without --protocol (None: pgd, or adaptive)
+    # the defended classifier is the smoothed g of a base classifier (RS, SmoothAdv, DDS): its models
+    # declare ``smoothed_evaluation``, predictions are PREDICT, quick@1 attacks it with SmoothAdv
+    smoothed: bool = False
     url: str = ""
     summary: str = ""
 

@@ -143,7 +143,7 @@ class RandomizedSmoothing(Defense):
 
     info = DefenseInfo(paper="Certified Adversarial Robustness via Randomized Smoothing (Cohen, Rosenfeld, Kolter)",
                        year=2019, kind="certified", randomized=False, certificates=("smoothing",),
-                       default_protocol="certify",
+                       default_protocol="quick", smoothed=True,
                        url="https://arxiv.org/abs/1902.02918",
                        summary="base classifier trained with Gaussian noise; smoothed classifier certified in L2")
     recipes = {"paper": _PAPER, "cpu": _CPU}
@@ -166,6 +166,7 @@ class RandomizedSmoothing(Defense):
         else:
             model = super().build(spec, image_size, **hparams)
         model.sigma = sigma  # the noise level of the smoothed classifier, read by the certifier
+        model.smoothed_evaluation = True  # the defended classifier is g: predictions are PREDICT
         return model
 
     def load_state_dict(self, model: DefendedModel, state: dict[str, Any]) -> None:

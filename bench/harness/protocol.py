@@ -107,8 +107,10 @@ def _quick_v1(spec: DatasetSpec) -> Protocol:
                                 "PGD-20 for deterministic models) then Square 1000 queries per threat model, "
                                 "each adversarial example scored with R=10 fresh draws (worst-of-R), then the "
                                 "defense's own certificates (smoothing: n0=100, n=2,000, alpha=0.001; "
-                                "lipschitz: n=500 draws of a randomized model). Weaker than adaptive@1 "
-                                "(no AutoAttack rand) and certify@1 (n=100,000)")
+                                "lipschitz: n=500 draws of a randomized model). Smoothed classifiers (rs, "
+                                "smoothadv, dds) are attacked with SmoothAdv-PGD instead (m=32 fixed draws, "
+                                "T=20) and scored with PREDICT (n=1000, alpha=0.001; abstain = wrong). "
+                                "Weaker than adaptive@1 (no AutoAttack rand) and certify@1 (n=100,000)")
 
 
 # certifier parameters of the protocols that certify (CPU-sized in quick)
@@ -267,18 +269,24 @@ def _custom(config: RunConfig, spec: DatasetSpec, certificates: tuple[str, ...] 
 
 
 def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = False,
-                     certificates: tuple[str, ...] = (), default: str | None = None) -> Protocol:
+                     certificates: tuple[str, ...] = (), default: str | None = None,
+                     smoothed: bool = False) -> Protocol:
     """The protocol ``config`` asks for: a named one, or a custom one built from its options.
 
     Without ``--protocol``, a defense gets its declared ``default`` protocol if any (``certify``
     for smoothing defenses), else a deterministic one ``pgd`` and a randomized one ``adaptive``.
-    The ``certify`` protocol certifies with the defense's declared ``certificates``.
+    The ``certify`` protocol certifies with the defense's declared ``certificates``. A
+    ``smoothed`` defense (the classifier is a smoothed g) is attacked under ``quick`` with
+    SmoothAdv (m=32, T=20) instead of EOT-PGD and Square.
     """
     default = default or (DEFAULT_RANDOMIZED_PROTOCOL if randomized else DEFAULT_PROTOCOL)
     if config.custom:
         protocol = _custom(config, spec, certificates)
     else:
         protocol = _named(config.protocol or default, spec)
+        if smoothed and protocol.name == "quick":  # the smoothed classifier's own adaptive attack
+            protocol = replace(protocol, attacks=tuple(AttackSpec("smoothadv", t, (("m", 32), ("steps", 20)))
+                                                       for t in spec.threat_models))
         if protocol.name in CERTIFY_PROTOCOLS and (certificates or not protocol.attacks):
             # certify@1 needs a certificate; quick@1 certifies only defenses that declare one
             protocol = replace(protocol, certifiers=_certifiers(config, certificates, CERTIFY_DEFAULTS[protocol.name]))

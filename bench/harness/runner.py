@@ -87,8 +87,9 @@ def _info_dict(defense: Defense) -> dict[str, Any] | None:
     if info is None:
         return None
     out = asdict(info)
-    if out.get("default_protocol") is None:  # added later: absent unless set, so older run keys still match
-        out.pop("default_protocol", None)
+    for later in ("default_protocol", "smoothed"):  # added later: absent unless set, so older run keys still match
+        if not out.get(later):
+            out.pop(later, None)
     return out
 
 
@@ -109,7 +110,8 @@ def resolve(config: RunConfig) -> ResolvedRun:
     info = getattr(defense, "info", None)
     protocol = resolve_protocol(config, spec, randomized=bool(getattr(info, "randomized", False)),
                                 certificates=tuple(getattr(info, "certificates", ())),
-                                default=getattr(info, "default_protocol", None))
+                                default=getattr(info, "default_protocol", None),
+                                smoothed=bool(getattr(info, "smoothed", False)))
     device = resolve_device(config.device)
     image_size = config.image_size or spec.image_size
     recipe_name: str | None = None
@@ -196,6 +198,8 @@ def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: in
         _record_checks(store, run_id, model, test, device)
         model.eval()
         draws = resolved.protocol.draws if getattr(model, "randomized", False) else 1
+        if getattr(model, "smoothed_evaluation", False):
+            draws = 1  # the evaluated classifier is the smoothed g: one PREDICT decision per example
         evaluator = Evaluator(store, run_id, model, test, device, resolved.config.batch_size,
                               resolved.config.seed, draws, progress, frozen=resolved.protocol.frozen)
         alive = evaluator.clean()
@@ -330,6 +334,7 @@ def _batches(items: Sequence[int], size: int) -> Iterator[tuple[int, list[int]]]
 
 
 CERTIFY_BATCH = 16  # examples per committed batch of certificates (each may take 100,000 samples)
+PREDICT_N, PREDICT_ALPHA = 1000, 0.001  # PREDICT of a smoothed classifier (Salman et al.'s empirical evaluation)
 
 
 def _seed(*parts: int) -> int:
@@ -344,6 +349,8 @@ class Evaluator:
         assert data.indices is not None
         self.store, self.run_id, self.model, self.device = store, run_id, model, device
         self.batch_size, self.seed, self.draws, self.progress = batch_size, seed, draws, progress
+        # forward passes per example of one scoring: R draws, or PREDICT's n for a smoothed classifier
+        self.score_passes = PREDICT_N if getattr(model, "smoothed_evaluation", False) else draws
         self.frozen = frozen  # attack one frozen draw (the authors' transfer-draw protocol)
         self.index = [int(i) for i in data.indices.tolist()]
         self.position_of = {ex: pos for pos, ex in enumerate(self.index)}
@@ -369,6 +376,8 @@ class Evaluator:
 
         from bench import tasks
 
+        if getattr(self.model, "smoothed_evaluation", False):
+            return self._predict_smoothed(x, y)
         with torch.no_grad():
             logits = torch.stack([self.model(x) for _ in range(self.draws)])
         self.forward_passes += self.draws * len(x)
@@ -379,6 +388,18 @@ class Evaluator:
             return vote, correct_draws, torch.sigmoid(logits).mean(dim=0)
         votes = torch.nn.functional.one_hot(preds, self.model.num_classes).sum(dim=0)
         return votes.argmax(dim=1), correct_draws, None
+
+    def _predict_smoothed(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """The smoothed classifier's decision: PREDICT with n=1000, alpha=0.001 at the model's sigma;
+        an abstention (prediction -1) counts as wrong."""
+        import torch
+
+        from bench.certifiers.smoothing import predict
+
+        classes = predict(self.model, x, float(self.model.sigma), n=PREDICT_N, alpha=PREDICT_ALPHA)
+        self.forward_passes += self.score_passes * len(x)
+        pred = torch.tensor([-1 if c is None else c for c in classes], device=y.device)
+        return pred, (pred == y).long(), None
 
     def _rows(self, examples: list[int], y: torch.Tensor, pred: torch.Tensor, correct_draws: torch.Tensor,
               scores: torch.Tensor | None, norms: torch.Tensor | None = None) -> list[dict[str, Any]]:
@@ -410,7 +431,7 @@ class Evaluator:
                     x, y = self._tensors(todo)
                     pred, correct_draws, scores = self.score(x, y)
                     self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores),
-                                           forward=self.draws * len(x))
+                                           forward=self.score_passes * len(x))
                 task.advance(len(examples))
         self.store.finish_evaluation(ev)
         return self.store.correct_indices(ev)
@@ -489,7 +510,7 @@ class Evaluator:
                     self.forward_passes += result.forward_passes
                     self.backward_passes += result.backward_passes
                     self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores, norms),
-                                           forward=result.forward_passes + self.draws * len(x),
+                                           forward=result.forward_passes + self.score_passes * len(x),
                                            backward=result.backward_passes)
                 task.advance(len(examples))
         self.store.finish_evaluation(ev)

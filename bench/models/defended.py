@@ -36,6 +36,8 @@ class DefendedModel(nn.Module):
       batch (so K copies of an input in one batch are K independent draws); otherwise one draw is
       shared by the whole pass, and batched sampling must put each input once per pass.
     * ``sigma``: the Gaussian noise level (pixel space) a smoothing certificate should use.
+    * ``smoothed_evaluation``: the defended classifier is the smoothed g(x) = argmax_c P[f(x + e) = c]
+      of this base classifier f at ``sigma``, so a run predicts with PREDICT (abstain = wrong).
     * ``lipschitz_bound`` and ``lipschitz_guarantee``: a *guaranteed* L2 Lipschitz bound of the
       logit map and how it is guaranteed; ``None`` when there is none.
     * :meth:`bpda_surrogates`: differentiable stand-ins for non-differentiable components.
@@ -45,6 +47,7 @@ class DefendedModel(nn.Module):
 
     randomized: bool = False
     sigma: float | None = None
+    smoothed_evaluation: bool = False
     lipschitz_bound: float | None = None
     lipschitz_guarantee: str | None = None
 

@@ -1,0 +1,155 @@
+"""SmoothAdv-PGD (Salman et al., 2019) and the evaluation of smoothed classifiers with PREDICT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bench.attacks.smoothadv import SoftSmoothed
+from bench.config import Norm, RunConfig, ThreatModel
+from bench.data.base import get_dataset
+from bench.errors import BenchError
+from bench.models.defended import DefendedModel
+from bench.registry import ATTACKS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+L2 = ThreatModel(Norm.L2, 0.5)
+LINF = ThreatModel(Norm.LINF, 0.1)
+
+
+class Recording(DefendedModel):
+    """A fixed linear classifier on 8x8 images that records every input batch it is given."""
+
+    sigma = 0.25
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), (0.5,), (0.25,), (1, 8, 8), 4)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return super().forward(x)
+
+
+def _noise_per_step(model: Recording, x_steps: list[torch.Tensor], m: int, n: int) -> list[torch.Tensor]:
+    """The noise of each forward pass: input minus the attacked point it was added to."""
+    return [(inp.view(m, n, 1, 8, 8) - point.unsqueeze(0)) for inp, point in zip(model.inputs, x_steps)]
+
+
+@pytest.mark.parametrize("resample", [False, True])
+def test_the_m_draws_are_fixed_within_an_attack_unless_resampled(monkeypatch, resample: bool) -> None:
+    import bench.attacks.pgd as pgd
+
+    model, m, n = Recording(), 6, 3
+    x, y = torch.rand(n, 1, 8, 8), torch.tensor([0, 1, 2])
+    points: list[torch.Tensor] = []
+    original = SoftSmoothed.forward
+
+    def spy(self, x_adv):
+        points.append(x_adv.detach().clone())
+        return original(self, x_adv)
+
+    monkeypatch.setattr(SoftSmoothed, "forward", spy)
+    result = ATTACKS.get("smoothadv")(m=m, steps=4, resample=resample)(model, x, y, L2)
+    attack_passes = [inp for inp in model.inputs if len(inp) == m * n]
+    assert len(attack_passes) == 4 and len(points) == 4
+    model.inputs = attack_passes
+    noises = _noise_per_step(model, points, m, n)
+    same = [torch.allclose(noises[0], e, atol=1e-6) for e in noises[1:]]
+    assert all(same) if not resample else not any(same)
+    assert abs(float(noises[0].std()) - 0.25) < 0.05  # sigma from the model, in pixel units
+    assert pgd is not None and result.forward_passes >= 4 * m  # m noisy copies per step
+
+
+@pytest.mark.parametrize("threat", [L2, LINF])
+def test_stays_within_eps_and_the_image_box_and_raises_the_soft_loss(threat: ThreatModel) -> None:
+    model = Recording()
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 4
+    torch.manual_seed(1)
+    adv = ATTACKS.get("smoothadv")(m=16, steps=10)(model, x, y, threat).x_adv
+    delta = (adv - x).flatten(1)
+    size = delta.norm(dim=1) if threat.norm is Norm.L2 else delta.abs().amax(dim=1)
+    assert float(size.max()) <= threat.eps + 1e-5 and float(adv.min()) >= 0 and float(adv.max()) <= 1
+    noise = 0.25 * torch.randn(64, *x.shape)  # a fresh, larger estimate of log G
+    soft = SoftSmoothed(model, 0.25, 64, noise)
+    with torch.no_grad():
+        before = nn.functional.nll_loss(soft(x), y)
+        after = nn.functional.nll_loss(soft(adv), y)
+    assert float(after) > float(before) + 0.1, (float(before), float(after))
+
+
+def test_no_random_start_and_official_step_size(monkeypatch) -> None:
+    import bench.attacks.smoothadv as module
+
+    seen = {}
+
+    def fake(model, x, y, threat, alpha, steps, random_start, loss_fn, random_direction_on_zero):
+        seen.update(alpha=alpha, steps=steps, random_start=random_start, zero=random_direction_on_zero)
+        return x
+
+    monkeypatch.setattr(module, "pgd_loss_ascent", fake)
+    ATTACKS.get("smoothadv")(steps=8)(Recording(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), L2)
+    assert seen == {"alpha": pytest.approx(2 * 0.5 / 8), "steps": 8, "random_start": False, "zero": True}
+
+
+def test_zero_gradient_l2_steps_take_a_random_direction() -> None:
+    from bench.attacks.pgd import pgd_loss_ascent
+
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    nn.init.zeros_(flat[1].weight)  # the loss does not depend on x: zero gradient everywhere
+    x, y = torch.full((2, 1, 8, 8), 0.5), torch.tensor([0, 1])
+    moved = pgd_loss_ascent(flat, x, y, L2, 0.1, 1, False, nn.functional.cross_entropy, random_direction_on_zero=True)
+    still = pgd_loss_ascent(flat, x, y, L2, 0.1, 1, False, nn.functional.cross_entropy)
+    assert torch.allclose((moved - x).flatten(1).norm(dim=1), torch.full((2,), 0.1), atol=1e-5)
+    assert torch.equal(still, x)
+
+
+def test_eps_is_in_pixel_units_and_the_1_256_convention_needs_a_fraction() -> None:
+    from bench.config import parse_eps
+
+    x, y = torch.rand(1, 1, 8, 8), torch.tensor([0])
+    with pytest.raises(BenchError, match="64/256"):
+        ATTACKS.get("smoothadv")(steps=1)(Recording(), x, y, ThreatModel(Norm.L2, 64.0))
+    assert parse_eps("64/256") == pytest.approx(0.25)
+    ATTACKS.get("smoothadv")(steps=1, m=2)(Recording(), x, y, ThreatModel(Norm.L2, parse_eps("64/256")))
+
+
+def test_parameters_are_validated_and_sigma_is_required() -> None:
+    for bad in ({"m": 0}, {"steps": 0}, {"step_size": -1}, {"sigma": 0}):
+        with pytest.raises(BenchError):
+            ATTACKS.get("smoothadv")(**bad)
+    plain = DefendedModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), (0.5,), (0.25,), (1, 8, 8), 4)
+    with pytest.raises(BenchError, match="sigma"):
+        ATTACKS.get("smoothadv")(steps=1)(plain, torch.rand(1, 1, 8, 8), torch.tensor([0]), L2)
+    ATTACKS.get("smoothadv")(steps=1, m=2, sigma=0.5)(plain, torch.rand(1, 1, 8, 8), torch.tensor([0]), L2)
+
+
+# -- runs of a smoothed classifier -------------------------------------------------------------
+def test_rs_under_quick_is_attacked_with_smoothadv_and_scored_with_predict(tmp_path: Path, monkeypatch) -> None:
+    from bench.harness.runner import PREDICT_N, execute, resolve
+    from bench.results.queries import run_summary
+    from bench.results.store import Store
+
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    config = RunConfig(defense="rs", dataset="synthetic", epochs=2, n_examples=12, hparams=(("sigma", 0.25),))
+    resolved = resolve(config)
+    assert resolved.protocol.key == "quick@1"
+    assert [(a.attack, dict(a.params)) for a in resolved.protocol.attacks] == \
+        [("smoothadv", {"m": 32, "steps": 20}) for _ in get_dataset("synthetic").spec.threat_models]
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    run_id = execute(config, store)
+    clean = store.evaluations(run_id)[0]
+    rows = store.results([clean.id])
+    assert all(r.draws == 1 for r in rows)  # one PREDICT decision per example, not R draws
+    assert all((r.prediction == r.label) == r.correct for r in rows)
+    assert all(r.prediction == -1 or 0 <= r.prediction < 4 for r in rows)  # -1: abstained (wrong)
+    assert clean.forward_passes >= PREDICT_N * len(rows)
+    summary = run_summary(store, run_id)
+    l2 = [a for a in summary["attacks"] if (a["norm"], a["eps"]) == ("L2", 0.5)]
+    certified = {c["radius"]: c["accuracy"] for c in summary["certified"] if c["certifier"] == "smoothing"}
+    assert l2 and certified and certified[0.5] <= l2[-1]["accuracy"] + 1e-9  # certified <= empirical
