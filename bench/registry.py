@@ -287,6 +287,7 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
         "standard": ("bench.defenses.baselines:Standard", "empirical risk minimisation (no defense)"),
         "pgd-at": ("bench.defenses.baselines:PGDAT", "Madry et al. 2018 PGD adversarial training"),
         "rs": ("bench.defenses.smoothing:RandomizedSmoothing", "Cohen et al. 2019 Gaussian randomized smoothing"),
+        "smoothadv": ("bench.defenses.smoothadv:SmoothAdvDefense", "Salman et al. 2019 SmoothAdv: adversarially trained smoothed classifier"),
         "dcs": ("bench.defenses.dcs:DCS", "Ma et al. 2025 deformable convolution with stochasticity, GSAT training"),
         "hycas": ("bench.defenses.hycas:HyCAS", "Dhar et al. 2026 HyCAS, <= 2-Lipschitz by construction (AOL)"),
         "dds": ("bench.defenses.dds:DDS", "Carlini et al. 2023 diffusion denoised smoothing (DDPM one-shot denoiser)"),

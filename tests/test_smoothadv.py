@@ -153,3 +153,77 @@ def test_rs_under_quick_is_attacked_with_smoothadv_and_scored_with_predict(tmp_p
     l2 = [a for a in summary["attacks"] if (a["norm"], a["eps"]) == ("L2", 0.5)]
     certified = {c["radius"]: c["accuracy"] for c in summary["certified"] if c["certifier"] == "smoothing"}
     assert l2 and certified and certified[0.5] <= l2[-1]["accuracy"] + 1e-9  # certified <= empirical
+
+
+# -- SmoothAdv training ------------------------------------------------------------------------
+def test_training_inputs_are_the_attacked_image_plus_the_attack_s_own_draws(monkeypatch) -> None:
+    import bench.attacks.smoothadv as attacks
+    from bench.defenses.smoothadv import SmoothAdvTraining
+
+    seen = {}
+    original = attacks.smoothadv_pgd
+
+    def spy(model, x, y, threat, sigma, m, steps, noise, step_size=None):
+        seen.update(noise=noise.clone(), eps=threat.eps, norm=threat.norm, m=m, steps=steps)
+        seen["x_adv"] = original(model, x, y, threat, sigma, m, steps, noise, step_size)
+        return seen["x_adv"]
+
+    monkeypatch.setattr(attacks, "smoothadv_pgd", spy)
+    model, x, y = Recording(), torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0])
+    perturb = SmoothAdvTraining(sigma=0.25, eps=0.5, steps=3, m=4, warmup=10)
+    perturb.set_epoch(1)
+    inputs, labels = perturb(model, x, y)
+    assert seen["eps"] == pytest.approx(0.5 * 2 / 10) and seen["norm"] is Norm.L2  # warm-up, epoch 2 of 10
+    assert (seen["m"], seen["steps"]) == (4, 3)
+    assert inputs.shape == (20, 1, 8, 8) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 + [0] * 4
+    expected = (seen["x_adv"].unsqueeze(0) + seen["noise"]).transpose(0, 1).reshape(20, 1, 8, 8)
+    assert torch.allclose(inputs, expected)  # the same draws the attack held fixed
+    assert float((seen["x_adv"] - x).flatten(1).norm(dim=1).max()) <= 0.1 + 1e-5
+    single = SmoothAdvTraining(sigma=0.25, eps=0.5, steps=1, m=4, warmup=0, multi_noise=False)
+    one, same = single(model, x, y)
+    assert one.shape == x.shape and torch.equal(same, y) and single.current_eps() == 0.5
+
+
+def test_warmup_schedule_is_linear_then_flat() -> None:
+    from bench.defenses.smoothadv import SmoothAdvTraining
+
+    perturb = SmoothAdvTraining(sigma=0.25, eps=1.0, steps=1, m=1, warmup=4)
+    values = []
+    for epoch in range(6):
+        perturb.set_epoch(epoch)
+        values.append(perturb.current_eps())
+    assert values == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_smoothadv_hparams_resolve_by_recipe_and_validate() -> None:
+    from bench.registry import DEFENSES
+
+    defense = DEFENSES.get("smoothadv")()
+    assert defense.info.smoothed and defense.info.certificates == ("smoothing",)
+    assert defense.info.default_protocol == "quick"
+    paper = defense.resolve_hparams({}, 32, "paper")
+    cpu = defense.resolve_hparams({"eps": "64/256"}, 8, "cpu")
+    assert (paper["steps"], paper["m_train"], paper["warmup"], paper["eps"]) == (10, 2, 10, 0.25)
+    assert (cpu["steps"], cpu["m_train"], cpu["warmup"], cpu["eps"]) == (2, 2, 4, 0.25)
+    for bad in ({"eps": 64}, {"eps": -1}, {"steps": 1.5}, {"m_train": 0}, {"multi_noise": "yes"}, {"nope": 1}):
+        with pytest.raises(BenchError):
+            defense.resolve_hparams(bad, 8, "cpu")
+    recipe = defense.recipe("paper")
+    assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.milestones, recipe.weight_decay) == \
+        (150, 256, 0.1, (50, 100), 1e-4)
+
+
+def test_a_few_smoothadv_epochs_reduce_the_loss(tmp_path: Path, monkeypatch) -> None:
+    from bench.defenses.base import Recipe
+    from bench.registry import DEFENSES
+
+    defense = DEFENSES.get("smoothadv")()
+    spec, train = get_dataset("synthetic").spec, get_dataset("synthetic").load("train")
+    hparams = defense.resolve_hparams({"steps": 2, "warmup": 2, "sigma": 0.12, "eps": 0.1}, spec.image_size, "cpu")
+    torch.manual_seed(0)
+    model = defense.build(spec, spec.image_size, **hparams)
+    assert model.smoothed_evaluation and model.sigma == 0.12 and model.smoothadv["eps"] == 0.1
+    recipe = Recipe(epochs=6, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="none")
+    summary = defense.fit(model, train, recipe, spec=spec, device=torch.device("cpu"), seed=0)
+    losses = [h["loss"] for h in summary.history]
+    assert summary.steps == 6 * 4 and losses[-1] < 0.8 * losses[0], losses

@@ -36,7 +36,7 @@ from bench.errors import BenchError
 from bench.models.defended import declared
 from bench.registry import register_attack
 
-__all__ = ["SmoothAdv", "SoftSmoothed"]
+__all__ = ["SmoothAdv", "SoftSmoothed", "smoothadv_pgd"]
 
 MAX_ROWS = 4096  # noisy copies per forward pass (m * batch is split into chunks of at most this)
 
@@ -108,7 +108,16 @@ class SmoothAdv(Attack):
         sigma = self.sigma_of(model)
         noise = None if self.params["resample"] else sigma * torch.randn((m, *x.shape), device=x.device,
                                                                          dtype=x.dtype)
-        soft = SoftSmoothed(model, sigma, m, noise)
-        step = float(self.params["step_size"]) if self.params["step_size"] is not None else 2 * threat.eps / steps
-        return pgd_loss_ascent(soft, x, y, threat, step, steps, random_start=False,
-                               loss_fn=nn.functional.nll_loss, random_direction_on_zero=True)
+        step = float(self.params["step_size"]) if self.params["step_size"] is not None else None
+        return smoothadv_pgd(model, x, y, threat, sigma, m, steps, noise, step)
+
+
+def smoothadv_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, sigma: float, m: int,
+                  steps: int, noise: torch.Tensor | None, step_size: float | None = None) -> torch.Tensor:
+    """The SmoothAdv PGD loop: ascend -log G_y with the draws ``noise`` (m, N, ...) held fixed
+    (None: fresh draws at every step), step ``step_size`` (default 2 eps / steps), no random start.
+    Used by the attack and by SmoothAdv training (which reuses the same noise for its inputs)."""
+    soft = SoftSmoothed(model, sigma, m, noise)
+    step = step_size if step_size is not None else 2 * threat.eps / steps
+    return pgd_loss_ascent(soft, x, y, threat, step, steps, random_start=False,
+                           loss_fn=nn.functional.nll_loss, random_direction_on_zero=True)

@@ -14,7 +14,7 @@ from bench.data.base import Split
 from bench.defenses.base import Recipe
 from bench.harness.progress import Progress
 
-Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar
 Select = Callable[[nn.Module], float]  # model (in eval mode) -> validation score, higher is better
 Best = tuple[float, int, dict[str, torch.Tensor]]  # (score, epoch, weights)
@@ -87,8 +87,10 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
     The loss defaults to the model's task loss (cross-entropy, or summed binary cross-entropy
     for multilabel models), weighted by inverse class frequency when ``balance_classes``.
     ``perturb(model, x, y)``, when given, replaces each clean batch by a perturbed one (computed
-    with the model in eval mode), which is how adversarial training plugs in. Shuffling and any
-    randomness in ``perturb`` are seeded from ``seed``.
+    with the model in eval mode), which is how adversarial training plugs in; it may return
+    ``(x, y)`` instead, a batch of another size with its labels (SmoothAdv trains on m noisy
+    copies of each image), and may have a ``set_epoch(epoch)`` method, called before every epoch
+    (0-based; also after a resume). Shuffling and any randomness in ``perturb`` are seeded from ``seed``.
 
     Model selection: with ``select``, the model is scored after every ``select_every`` epochs
     and after the last one (``select(model)``, e.g. robust accuracy on a held-out validation
@@ -124,13 +126,16 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
         bar.advance(first_epoch)
         for epoch in range(first_epoch, epochs):
             order = torch.randperm(n, generator=shuffle)
-            total_loss, correct = 0.0, 0
+            if hasattr(perturb, "set_epoch"):
+                perturb.set_epoch(epoch)  # e.g. SmoothAdv's eps warm-up
+            total_loss, correct, seen = 0.0, 0, 0
             for begin in range(0, n, recipe.batch_size):
                 idx = order[begin:begin + recipe.batch_size]
                 x, y = images[idx].to(device), labels[idx].to(device)
                 if perturb is not None:
                     model.eval()
-                    x = perturb(model, x, y).detach()
+                    out = perturb(model, x, y)
+                    x, y = (out[0].detach(), out[1]) if isinstance(out, tuple) else (out.detach(), y)
                 model.train()
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(x)
@@ -139,10 +144,11 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
                 optimizer.step()
                 steps += 1
                 total_loss += float(loss.detach()) * len(y)
+                seen += len(y)
                 correct += int(tasks.correct(tasks.predict(logits.detach(), task), y, task).sum())
             if scheduler is not None:
                 scheduler.step()
-            record = {"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n}
+            record = {"epoch": epoch + 1, "loss": total_loss / seen, "train_accuracy": correct / seen}
             if select is not None and ((epoch + 1) % select_every == 0 or epoch + 1 == epochs):
                 record["val_score"] = score = _score(select, model, device, seed + 7919 * (epoch + 1))
                 if best is None or score > best[0]:

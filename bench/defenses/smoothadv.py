@@ -1,0 +1,156 @@
+"""SmoothAdv (Salman, Yang, Li, Zhang, Zhang, Razenshteyn & Bubeck, NeurIPS 2019): adversarial
+training of the base classifier of a smoothed classifier.
+
+Trained, as the official ``code/train_pgd.py`` (``--adv-training --attack PGD
+--train-multi-noise``): every image of a minibatch is repeated ``m_train`` times with a fresh
+Gaussian draw each (sigma in pixel space); with the model in eval mode, SmoothAdv-PGD
+(:func:`bench.attacks.smoothadv.smoothadv_pgd`: ``steps`` L2 steps of 2 eps / steps on the
+soft smoothed classifier, those m draws held fixed, no random start) moves each image within
+L2 ``eps``; the training inputs are the attacked image plus *the same* m draws, and the loss is
+the cross-entropy over all m copies. eps warms up linearly over the first ``warmup`` epochs
+(min(eps, (epoch + 1) eps / warmup)).
+
+Certified and evaluated like ``rs``: the defended classifier is the smoothed g (PREDICT for
+predictions, the ``smoothing`` certifier at the training sigma); the official checkpoints (the
+CIFAR-10 models use InputCenterLayer, ``--hparam input_layer=center``) load the same way.
+
+eps is in pixel units. The official ``--epsilon 64`` means 64/256 = 0.25 (write ``eps=0.25`` or
+``eps="64/256"``). See docs/defenses/smoothadv.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from bench.defenses.base import DefenseInfo, Recipe
+from bench.defenses.smoothing import RandomizedSmoothing, check_sigma
+from bench.errors import BenchError
+from bench.registry import register_defense
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from bench.data.base import DatasetSpec, Split
+    from bench.harness.training import TrainSummary
+    from bench.models.defended import DefendedModel
+
+__all__ = ["SmoothAdvDefense", "SmoothAdvTraining"]
+
+# Paper (README example and train_pgd.py defaults): SGD lr 0.1, momentum 0.9, weight decay 1e-4,
+# batch 256, 150 epochs, StepLR(50, 0.1) (= milestones 50, 100 over 150 epochs).
+_PAPER = Recipe(epochs=150, batch_size=256, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4,
+                schedule="multistep", milestones=(50, 100), gamma=0.1)
+# CPU preset: rs's (so rs and smoothadv trained on CPU differ only in the adversarial step).
+_CPU = RandomizedSmoothing.recipes["cpu"]
+# The README example: --num-steps 10 --epsilon 64 --num-noise-vec 2 --warmup 10 --train-multi-noise
+_AUTO = {"paper": {"steps": 10, "m_train": 2, "warmup": 10}, "cpu": {"steps": 2, "m_train": 2, "warmup": 4}}
+
+
+class SmoothAdvTraining:
+    """The training perturbation: (x, y) -> (m noisy copies of the SmoothAdv example, labels)."""
+
+    def __init__(self, sigma: float, eps: float, steps: int, m: int, warmup: int, multi_noise: bool = True) -> None:
+        self.sigma, self.eps, self.steps, self.m, self.warmup = sigma, eps, steps, m, warmup
+        self.multi_noise = multi_noise
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def current_eps(self) -> float:
+        """min(eps, (epoch + 1) eps / warmup), the official warm-up (no warm-up when 0)."""
+        return self.eps if self.warmup <= 0 else min(self.eps, (self.epoch + 1) * self.eps / self.warmup)
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from bench.attacks.smoothadv import smoothadv_pgd
+        from bench.config import Norm, ThreatModel
+
+        noise = self.sigma * torch.randn((self.m, *x.shape), device=x.device, dtype=x.dtype)
+        eps = self.current_eps()
+        x_adv = x
+        if self.steps > 0 and eps > 0:
+            x_adv = smoothadv_pgd(model, x, y, ThreatModel(Norm.L2, eps), self.sigma, self.m, self.steps, noise)
+        noisy = x_adv.detach().unsqueeze(0) + noise  # the attack's own draws (official behaviour)
+        if not self.multi_noise:
+            return noisy[0], y
+        return noisy.transpose(0, 1).reshape(self.m * len(x), *x.shape[1:]), y.repeat_interleave(self.m, dim=0)
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BenchError(f"smoothadv: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _eps(value: Any) -> float:
+    from bench.config import parse_eps
+
+    try:
+        eps = parse_eps(value) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError, BenchError):
+        raise BenchError(f"smoothadv: eps must be a number or a fraction such as 64/256, got {value!r}") from None
+    if not (math.isfinite(eps) and eps > 0):
+        raise BenchError(f"smoothadv: eps must be > 0, got {value!r}")
+    if eps > 16:
+        raise BenchError(f"smoothadv: eps {eps:g} is not in pixel units; the official --epsilon {eps:g} is "
+                         f"eps={eps:g}/256")
+    return eps
+
+
+@register_defense("smoothadv")
+class SmoothAdvDefense(RandomizedSmoothing):
+    """SmoothAdv (Salman et al. 2019): base classifier adversarially trained on its smoothed classifier.
+
+    Hyperparameters: ``sigma`` (0.25), ``eps`` (L2, pixel units, 0.25 = the official 64/256),
+    ``steps`` (T; auto: 10 paper, 2 cpu), ``m_train`` (noise draws per image; auto: 2),
+    ``warmup`` (epochs of linear eps warm-up; auto: 10 paper, 4 cpu), ``multi_noise`` (True: loss
+    over all m copies), ``arch`` and ``input_layer`` (as ``rs``).
+    """
+
+    info = DefenseInfo(paper="Provably Robust Deep Learning via Adversarially Trained Smoothed Classifiers "
+                             "(Salman, Yang, Li, Zhang, Zhang, Razenshteyn, Bubeck)",
+                       year=2019, kind="certified", randomized=False, certificates=("smoothing",),
+                       default_protocol="quick", smoothed=True, url="https://arxiv.org/abs/1906.04584",
+                       summary="base classifier trained on SmoothAdv-PGD examples of its smoothed classifier "
+                               "(m noisy copies, fixed draws); certified like rs")
+    recipes = {"paper": _PAPER, "cpu": _CPU}
+    hparams = {**RandomizedSmoothing.hparams, "eps": 0.25, "steps": "auto", "m_train": "auto", "warmup": "auto",
+               "multi_noise": True}
+
+    def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
+        resolved = super().resolve_hparams(given, image_size, recipe)
+        auto = _AUTO["cpu" if recipe == "cpu" else "paper"]
+        for name in ("steps", "m_train", "warmup"):
+            if resolved[name] == "auto":
+                resolved[name] = auto[name]
+        resolved["steps"] = _positive_int("steps", resolved["steps"], 0)
+        resolved["m_train"] = _positive_int("m_train", resolved["m_train"])
+        resolved["warmup"] = _positive_int("warmup", resolved["warmup"], 0)
+        resolved["eps"] = _eps(resolved["eps"])
+        if not isinstance(resolved["multi_noise"], bool):
+            raise BenchError(f"smoothadv: multi_noise must be true or false, got {resolved['multi_noise']!r}")
+        return resolved
+
+    def build(self, spec: DatasetSpec, image_size: int, **hparams: Any) -> DefendedModel:
+        model = super().build(spec, image_size, **{k: v for k, v in hparams.items() if k in RandomizedSmoothing.hparams})
+        defaults = self.resolve_hparams({}, image_size, "paper")
+        model.smoothadv = {k: hparams.get(k, defaults[k]) for k in ("eps", "steps", "m_train", "warmup", "multi_noise")}
+        return model
+
+    def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
+            device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
+        """SmoothAdv training of the base classifier at ``model.sigma`` (see the module docstring)."""
+        from bench.harness.training import fit
+
+        settings = getattr(model, "smoothadv", None)
+        if settings is None or getattr(model, "sigma", None) is None:
+            raise BenchError("smoothadv: build the model with the smoothadv defense (it declares sigma and eps)")
+        perturb = SmoothAdvTraining(check_sigma(model.sigma), float(settings["eps"]), int(settings["steps"]),
+                                    int(settings["m_train"]), int(settings["warmup"]), bool(settings["multi_noise"]))
+        return fit(model, train, recipe, device=device, seed=seed, progress=progress, perturb=perturb,
+                   balance_classes=recipe.balances(spec), resume=resume)
