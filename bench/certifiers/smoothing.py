@@ -3,7 +3,10 @@
 The smoothed classifier is g(x) = argmax_c P[f(x + e) = c] with e ~ N(0, sigma^2 I) in pixel
 space (images in [0, 1]; the model normalizes internally, so sigma is in pixel units). If the base
 classifier f is itself random (HyCAS, DDS), its randomness is drawn fresh for every sample and is
-part of the probability: the guarantee is about g defined with both.
+part of the probability: the guarantee is about g defined with both. A model that declares
+``adds_smoothing_noise`` (DDS: the noise enters through the diffusion forward process) draws the
+Gaussian noise itself, at its declared ``sigma`` or above; the certifier then adds none of its own
+(:func:`input_noise_sigma`) and certifies at the model's ``sigma``.
 
 See docs/certification.md for the guarantee, the sampling details and the sequential variant.
 """
@@ -22,10 +25,10 @@ from bench.certifiers.base import Certificate, Certifier, CertifierInfo, check_a
 from bench.certifiers.stats import (BetaBinomialConfidenceSequence, binomial_pvalue, clopper_pearson_lower,
                                     cs_lower_bound, smoothing_radius)
 from bench.errors import BenchError
-from bench.models.defended import shares_randomness
+from bench.models.defended import declared, shares_randomness
 from bench.registry import register_certifier
 
-__all__ = ["Smoothing", "auto_batch", "certify_counts", "predict", "sample_counts"]
+__all__ = ["Smoothing", "auto_batch", "certify_counts", "input_noise_sigma", "predict", "sample_counts"]
 
 
 def auto_batch(x: torch.Tensor) -> int:
@@ -38,6 +41,12 @@ def auto_batch(x: torch.Tensor) -> int:
     return int(min(10_000, max(400, (1 << 22) // per_sample)))
 
 
+def input_noise_sigma(model: nn.Module, sigma: float) -> float:
+    """The std of the Gaussian noise a sampler must add to the input: ``sigma``, or 0 for a model
+    that declares ``adds_smoothing_noise`` (it draws fresh smoothing noise at every pass itself)."""
+    return 0.0 if declared(model, "adds_smoothing_noise", False) else sigma
+
+
 def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, batch: int | None = None,
                   amp: bool = False) -> torch.Tensor:
     """Votes of the base classifier under ``num`` Gaussian samples per example: an (N, K) tensor.
@@ -47,7 +56,9 @@ def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, bat
     ``torch.inference_mode``; ``amp`` runs the forward pass in bfloat16 autocast on CUDA (the
     vote counting stays exact; see docs/certification.md for the check that it does not bias the
     votes). A randomized model with shared randomness is sampled one row per example per pass.
+    A model that adds its own smoothing noise gets the clean input (:func:`input_noise_sigma`).
     """
+    sigma = input_noise_sigma(model, sigma)
     n_examples = len(x)
     num_classes = int(getattr(model, "num_classes", 0)) or None
     batch = batch or auto_batch(x)
@@ -59,7 +70,7 @@ def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, bat
     with torch.inference_mode(), autocast:
         if shares_randomness(model):
             for _ in range(num):  # one sample per example per pass: fresh, independent draws
-                noisy = x + sigma * torch.randn_like(x)
+                noisy = x + sigma * torch.randn_like(x) if sigma else x
                 pred = model(noisy).argmax(dim=1)
                 k = num_classes or int(pred.max()) + 1
                 votes = torch.nn.functional.one_hot(pred, k)
@@ -71,7 +82,9 @@ def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, bat
             for start in range(0, total, batch):
                 rows = torch.arange(start, min(start + batch, total), device=x.device)
                 example = rows // num
-                noisy = x[example] + sigma * torch.randn((len(rows), *x.shape[1:]), device=x.device, dtype=x.dtype)
+                noisy = x[example]
+                if sigma:
+                    noisy = noisy + sigma * torch.randn((len(rows), *x.shape[1:]), device=x.device, dtype=x.dtype)
                 pred = model(noisy).argmax(dim=1)
                 part = torch.bincount(example * k + pred, minlength=n_examples * k)
                 flat = part if flat.numel() == 0 else flat + part
@@ -155,6 +168,13 @@ class Smoothing(Certifier):
 
     def prepare(self, model: nn.Module) -> dict[str, Any]:
         self.require_single_label(model)
+        if declared(model, "adds_smoothing_noise", False):
+            own, given = declared(model, "sigma"), self.params["sigma"]
+            if own is None:
+                raise BenchError("smoothing: the model adds its own smoothing noise but declares no sigma")
+            if given is not None and not math.isclose(float(given), float(own), rel_tol=1e-9, abs_tol=0.0):
+                raise BenchError(f"smoothing: this model adds its own smoothing noise at sigma {float(own):g}; "
+                                 f"--sigma {float(given):g} cannot change it (build the model with that sigma)")
         sigma = self.params["sigma"] if self.params["sigma"] is not None else getattr(model, "sigma", None)
         if sigma is None:
             raise BenchError("smoothing: the model declares no sigma (it was not trained with Gaussian noise); "
