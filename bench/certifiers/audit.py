@@ -57,6 +57,7 @@ from torch import nn
 from bench.errors import BenchError
 from bench.harness.checks import CheckResult
 from bench.harness.progress import Progress
+from bench.models.defended import declared
 
 if TYPE_CHECKING:
     from bench.certifiers.base import Certificate
@@ -157,6 +158,8 @@ def smoothadv(model: nn.Module, x: torch.Tensor, target: torch.Tensor, radius: t
     eps = _effective_radius(radius, x)
     step = _per_example(2.5 * eps / steps, x)
     noise = sigma * torch.randn((draws, *x.shape), device=x.device, dtype=x.dtype)
+    if declared(model, "adds_smoothing_noise", False):
+        noise = torch.zeros_like(noise)  # the model adds the smoothing noise itself (DDS)
     delta = torch.zeros_like(x)
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
