@@ -206,3 +206,21 @@ def test_attack_command_bad_input(db_url, args, fragment):
     assert_user_error(invoke("attack", *args, "--db", db_url), fragment)
     after = json.loads(invoke("show", "1", "--db", db_url, "--json").stdout)
     assert after["attacks"] == before["attacks"] and after["pending_attacks"] == []
+
+
+def test_plain_progress_lines_are_not_repeated_at_the_end() -> None:
+    import io
+
+    from rich.console import Console
+
+    from bench.harness.progress import RichProgress
+
+    out = io.StringIO()
+    progress = RichProgress(Console(file=out, force_terminal=False, width=200), interval=0.0)
+    with progress.task("stage", total=3) as task:
+        task.advance(3)  # a periodic line (interval 0) already shows 3/3
+    progress.interval = 1e9
+    with progress.task("other", total=2) as task:
+        task.advance(1)  # no periodic line: finish prints the final state once
+    lines = out.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["stage: 3/3", "other: 1/2"], lines

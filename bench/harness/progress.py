@@ -66,6 +66,7 @@ class _LineTask:
 
         self.console, self.description, self.total, self.interval = console, description, total, interval
         self.done = 0
+        self.printed: int | None = None  # ``done`` at the last printed line
         self.fields: dict[str, Any] = {}
         self.started = self.last = time.monotonic()
 
@@ -82,9 +83,11 @@ class _LineTask:
     def finish(self) -> None:
         import time
 
-        self._print(time.monotonic())
+        if self.printed != self.done:  # the last periodic line may already show the final state
+            self._print(time.monotonic())
 
     def _print(self, now: float) -> None:
+        self.printed = self.done
         total = f"/{self.total}" if self.total is not None else ""
         parts = [f"{self.description}: {self.done}{total}", *(f"{k}={v}" for k, v in self.fields.items()),
                  f"({now - self.started:.0f} s)"]
