@@ -17,7 +17,7 @@ configuration, and return a stored result, without loading torch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from bench.errors import BenchError
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from bench.harness.training import TrainSummary
     from bench.models.defended import DefendedModel
 
-__all__ = ["Defense", "DefenseInfo", "Recipe"]
+__all__ = ["Defense", "DefenseInfo", "Recipe", "lazy_model_class"]
 
 
 @dataclass(frozen=True)
@@ -161,3 +161,29 @@ class Defense:
     def load_state_dict(self, model: DefendedModel, state: dict[str, Any]) -> None:
         """Load a state dict into ``model``; override to adapt an official checkpoint layout."""
         model.load_state_dict(state, strict=True)
+
+
+def lazy_model_class(module: str, name: str, define: Callable[[], type]) -> tuple[Callable[[], type],
+                                                                                 Callable[[str], Any]]:
+    """A model class that needs torch, defined on first use so the defense module imports without it.
+
+    Returns ``(get, module_getattr)``: ``get()`` defines the class once (named ``name``, in
+    ``module``) and returns it; ``module_getattr`` is a PEP 562 module ``__getattr__`` that makes
+    ``from module import name`` work.
+    """
+    cache: list[type] = []
+
+    def get() -> type:
+        if not cache:
+            cls = define()
+            cls.__name__ = cls.__qualname__ = name
+            cls.__module__ = module
+            cache.append(cls)
+        return cache[0]
+
+    def module_getattr(attr: str) -> Any:
+        if attr == name:
+            return get()
+        raise AttributeError(f"module {module!r} has no attribute {attr!r}")
+
+    return get, module_getattr

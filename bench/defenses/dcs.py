@@ -157,14 +157,9 @@ def official_to_bench(state: dict[str, Any], model: DefendedModel) -> dict[str, 
 def _mismatch_report(model: DefendedModel, state: dict[str, Any]) -> str | None:
     """None when ``state`` fits ``model`` exactly; else a few lines naming the first mismatches."""
 
-    def listed(items: list[str], limit: int) -> str:
-        return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+    from bench.harness.checkpoints import key_mismatches, listed
 
-    target = model.state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(target[k].shape)}"
-              for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    missing, unexpected, shapes = key_mismatches(model.state_dict(), state)
     lines = []
     if shapes:
         lines.append("shape mismatch: " + listed(shapes, 3))

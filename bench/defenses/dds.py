@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe
+from bench.defenses.base import Defense, DefenseInfo, Recipe, lazy_model_class
 from bench.errors import BenchError, CheckpointError
 from bench.registry import register_defense
 
@@ -355,17 +355,6 @@ def robust_noise_perturb(steps: int, step_size: float, eps_max: float | None) ->
 
 
 # -- the model ------------------------------------------------------------------------------------
-def dds_model_class() -> type[DefendedModel]:
-    """The :class:`DDSModel` class (defined lazily so this module imports without torch)."""
-    global _MODEL_CLASS
-    if _MODEL_CLASS is None:
-        _MODEL_CLASS = _define_model_class()
-    return _MODEL_CLASS
-
-
-_MODEL_CLASS: type | None = None
-
-
 def _define_model_class() -> type[DefendedModel]:
     import torch
     from torch import nn
@@ -477,12 +466,8 @@ def _define_model_class() -> type[DefendedModel]:
         def classifier_view(self) -> nn.Module:
             return _ClassifierView(self)
 
-    DDSModel.__qualname__ = "DDSModel"
-    DDSModel.__module__ = __name__
     return DDSModel
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: ``from bench.defenses.dds import DDSModel`` imports torch
-    if name == "DDSModel":
-        return dds_model_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``from bench.defenses.dds import DDSModel`` imports torch (PEP 562); dds_model_class() returns the class
+dds_model_class, __getattr__ = lazy_model_class(__name__, "DDSModel", _define_model_class)

@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe
+from bench.defenses.base import Defense, DefenseInfo, Recipe, lazy_model_class
 from bench.errors import BenchError
 from bench.registry import register_defense
 
@@ -154,17 +154,6 @@ def build_hycas_net(arch: str, in_channels: int, num_classes: int, image_size: i
     return net
 
 
-def hycas_model_class() -> type[DefendedModel]:
-    """The :class:`HyCASModel` class (defined lazily so this module imports without torch)."""
-    global _MODEL_CLASS
-    if _MODEL_CLASS is None:
-        _MODEL_CLASS = _define_model_class()
-    return _MODEL_CLASS
-
-
-_MODEL_CLASS: type | None = None
-
-
 def _define_model_class() -> type[DefendedModel]:
     from bench.models.defended import DefendedModel
     from bench.models.lipschitz_layers import frozen_randomness
@@ -201,15 +190,11 @@ def _define_model_class() -> type[DefendedModel]:
             with frozen_randomness(self):
                 yield
 
-    HyCASModel.__qualname__ = "HyCASModel"
-    HyCASModel.__module__ = __name__
     return HyCASModel
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: ``from bench.defenses.hycas import HyCASModel`` imports torch
-    if name == "HyCASModel":
-        return hycas_model_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``from bench.defenses.hycas import HyCASModel`` imports torch (PEP 562); hycas_model_class() returns the class
+hycas_model_class, __getattr__ = lazy_model_class(__name__, "HyCASModel", _define_model_class)
 
 
 def margin_loss(base: Any, bound: float, radius: float) -> Any:

@@ -21,6 +21,22 @@ from bench.paths import cache_subdir
 FORMAT = "bench-checkpoint-1"
 
 
+def listed(items: Any, limit: int = 4) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are."""
+    items = list(items)
+    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def key_mismatches(target: Any, state: Any) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` (a state dict) fails to fit ``target`` (a model's state dict): the missing
+    keys, the unexpected keys and one line per shape mismatch, each sorted."""
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(target[k].shape)}"
+              for k in target if k in state and tuple(getattr(state[k], "shape", ())) != tuple(target[k].shape)]
+    return missing, unexpected, shapes
+
+
 def checkpoint_dir() -> Path:
     return cache_subdir("checkpoints")
 

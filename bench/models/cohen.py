@@ -217,7 +217,9 @@ def _strip(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _listed(items: Sequence[str], limit: int = 4) -> str:
-    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+    from bench.harness.checkpoints import listed
+
+    return listed(items, limit)
 
 
 def split_official(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -280,10 +282,9 @@ def _stat(value: Any, ours: torch.Tensor, what: str, name: str) -> torch.Tensor:
 
 
 def _mismatches(target: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> str | None:
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(target[k].shape)}"
-              for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    from bench.harness.checkpoints import key_mismatches
+
+    missing, unexpected, shapes = key_mismatches(target, state)
     parts = []
     if shapes:
         parts.append("shape mismatch " + _listed(shapes, 2))
