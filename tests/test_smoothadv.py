@@ -154,6 +154,19 @@ def test_rs_under_quick_is_attacked_with_smoothadv_and_scored_with_predict(tmp_p
     certified = {c["radius"]: c["accuracy"] for c in summary["certified"] if c["certifier"] == "smoothing"}
     assert l2 and certified and certified[0.5] <= l2[-1]["accuracy"] + 1e-9  # certified <= empirical
 
+    # a baseline under the same protocol shares the leaderboard, with its own (empty) certified columns
+    from bench.results.leaderboard import build_board, render_markdown
+
+    execute(RunConfig(defense="standard", dataset="synthetic", epochs=1, n_examples=12, protocol="quick"), store)
+    board = build_board(store, "synthetic")
+    assert board.protocol == "quick@1" and {r["defense"] for r in board.rows} == {"rs", "standard"}
+    titles = [c.title for c in board.columns]
+    assert "smoothing r=0.5" in titles and "smoothadv L2 0.5" in titles and "eot L2 0.5" in titles
+    by_defense = {r["defense"]: r for r in board.rows}
+    key = next(c.key for c in board.columns if c.title == "smoothing r=0.5")
+    assert by_defense["standard"].get(key) is None and by_defense["rs"][key] == pytest.approx(certified[0.5])
+    assert "| standard |" in render_markdown(board)
+
 
 # -- SmoothAdv training ------------------------------------------------------------------------
 def test_training_inputs_are_the_attacked_image_plus_the_attack_s_own_draws(monkeypatch) -> None:
