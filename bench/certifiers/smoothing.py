@@ -125,6 +125,9 @@ def predict(model: nn.Module, x: torch.Tensor, sigma: float, n: int = 1000, alph
     return out
 
 
+GROWTH = 1.5  # sequential rounds: 1,000 samples, then 1.5x the previous round
+
+
 def _grid_level(p: float, thresholds: list[float]) -> int:
     """How many grid radii a p_A bound certifies (radius 0 needs p > 1/2, radius r > 0 needs
     p >= Phi(r / sigma))."""
@@ -226,15 +229,16 @@ class Smoothing(Certifier):
                 cs.update(int(row[classes[i]]), step)
                 if cs.n >= n_max:
                     continue
-                # the best bound reachable by n if every remaining sample voted for c_A
-                best_k = cs.k + n_max - cs.n
+                # futility: the bound reachable by n if the remaining samples voted for c_A at the
+                # rate of the upper confidence bound (a stopping rule never affects validity)
+                best_k = cs.k + math.floor((n_max - cs.n) * cs.upper())
                 reachable = max(cs_lower_bound(best_k, n_max, half), clopper_pearson_lower(best_k, n_max, half))
                 level = _grid_level(cs.lower(), thresholds)
                 if level < min(_grid_level(cs.upper(), thresholds), _grid_level(reachable, thresholds)):
                     still.append(i)
             active = still
             if active:  # active examples have all drawn the same number; never exceed n in total
-                step = min(step * 2, n_max - sequences[active[0]].n)
+                step = min(int(step * GROWTH), n_max - sequences[active[0]].n)
         out = []
         for i, cs in enumerate(sequences):
             lower = cs.lower()
