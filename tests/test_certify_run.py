@@ -55,6 +55,15 @@ def test_certification_resumes_to_identical_rows(tmp_path, monkeypatch):
         execute(CONFIG, store)
     (failed,) = store.list_runs()
     assert failed.status is RunStatus.FAILED and len(_cert_rows(store, failed.id)) == 8
+    partial = run_summary(store, failed.id)
+    assert {c["certified_examples"] for c in partial["certified"]} == {8}  # marked partial, not final
+    from rich.console import Console
+
+    from bench.cli.output import summary_table
+
+    console = Console(width=300, record=True)
+    console.print(summary_table(partial))
+    assert f"(partial: 8 of {partial['n_examples']} certified)" in console.export_text()
     monkeypatch.setattr(Smoothing, "certify", original)
     assert execute(CONFIG, store) == failed.id
     assert _cert_rows(store, failed.id) == _cert_rows(reference, ref_id)

@@ -63,7 +63,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row("[bold]robust (worst case)[/bold]", "all of the above",
                       f"[bold]{_pct(summary['robust_accuracy'])}[/bold]", *cells)
     for cert in summary.get("certified", []):
-        table.add_row(f"certified ({cert['certifier']})", f"radius {cert['radius']:g}", _pct(cert["accuracy"]),
+        done = cert.get("certified_examples")
+        partial = f" (partial: {done} of {summary['n_examples']} certified)" \
+            if done is not None and summary.get("n_examples") and done < summary["n_examples"] else ""
+        table.add_row(f"certified ({cert['certifier']})", f"radius {cert['radius']:g}{partial}", _pct(cert["accuracy"]),
                       *(["-"] * (int(balanced) + int(multilabel))))
     return table
 

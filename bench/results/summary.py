@@ -215,7 +215,8 @@ def _label_ok(o: Outcome) -> list[bool]:
 
 def certified_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int,
                     radii: Iterable[float]) -> list[dict[str, Any]]:
-    """Certified accuracy at each radius, for each certification stage."""
+    """Certified accuracy at each radius, for each certification stage (a fraction of all ``n``
+    examples: while a stage is unfinished, ``certified_examples`` < n and the value is partial)."""
     out: list[dict[str, Any]] = []
     radii = list(radii)
     for stage in sorted((s for s in stages if s.kind is EvalKind.CERTIFY), key=lambda s: s.position):
@@ -223,7 +224,7 @@ def certified_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]],
         for r in radii:
             hits = sum(1 for o in rows if o.correct and not o.abstained and o.radius is not None and o.radius >= r)
             out.append({"certifier": stage.method, "radius": r, "accuracy": _fraction(hits, n),
-                        "position": stage.position})
+                        "position": stage.position, "certified_examples": len(rows)})
     return out
 
 
