@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from bench.harness.training import TrainSummary
     from bench.models.defended import DefendedModel
 
-__all__ = ["Defense", "DefenseInfo", "Recipe", "lazy_model_class"]
+__all__ = ["Defense", "DefenseInfo", "Recipe", "lazy_model_class", "number_param"]
 
 
 @dataclass(frozen=True)
@@ -187,3 +187,20 @@ def lazy_model_class(module: str, name: str, define: Callable[[], type]) -> tupl
         raise AttributeError(f"module {module!r} has no attribute {attr!r}")
 
     return get, module_getattr
+
+
+def number_param(owner: str, name: str, value: Any, *, low: float, inclusive: bool) -> float:
+    """``value`` as a finite float above ``low`` (or equal to it when ``inclusive``), else a
+    one-line :class:`BenchError` naming ``owner`` (the defense) and the parameter."""
+    import math
+
+    relation = ">=" if inclusive else ">"
+    if isinstance(value, bool):
+        raise BenchError(f"{owner}: {name} must be a number {relation} {low:g}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BenchError(f"{owner}: {name} must be a number {relation} {low:g}, got {value!r}") from None
+    if not math.isfinite(number) or number < low or (number == low and not inclusive):
+        raise BenchError(f"{owner}: {name} must be a finite number {relation} {low:g}, got {value!r}")
+    return number

@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe, lazy_model_class
+from bench.defenses.base import Defense, DefenseInfo, Recipe, lazy_model_class, number_param
 from bench.errors import BenchError, CheckpointError
 from bench.registry import register_defense
 
@@ -75,16 +75,7 @@ TRAIN_ON = ("denoised", "clean")
 
 
 def _number(name: str, value: Any, *, low: float, inclusive: bool) -> float:
-    relation = ">=" if inclusive else ">"
-    if isinstance(value, bool):
-        raise BenchError(f"dds: {name} must be a number {relation} {low:g}, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise BenchError(f"dds: {name} must be a number {relation} {low:g}, got {value!r}") from None
-    if not math.isfinite(number) or number < low or (number == low and not inclusive):
-        raise BenchError(f"dds: {name} must be a finite number {relation} {low:g}, got {value!r}")
-    return number
+    return number_param("dds", name, value, low=low, inclusive=inclusive)
 
 
 def _integer(name: str, value: Any, low: int) -> int:

@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe, lazy_model_class
+from bench.defenses.base import Defense, DefenseInfo, Recipe, lazy_model_class, number_param
 from bench.errors import BenchError
 from bench.registry import register_defense
 
@@ -78,17 +78,7 @@ _GUARANTEE = ("by construction, for every weight and every draw of the internal 
 
 
 def _number(name: str, value: Any, *, low: float, inclusive: bool) -> float:
-    """``value`` as a finite float above ``low`` (or equal to it when ``inclusive``), else a one-line BenchError."""
-    relation = ">=" if inclusive else ">"
-    if isinstance(value, bool):
-        raise BenchError(f"hycas: {name} must be a number {relation} {low:g}, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise BenchError(f"hycas: {name} must be a number {relation} {low:g}, got {value!r}") from None
-    if not math.isfinite(number) or number < low or (number == low and not inclusive):
-        raise BenchError(f"hycas: {name} must be a finite number {relation} {low:g}, got {value!r}")
-    return number
+    return number_param("hycas", name, value, low=low, inclusive=inclusive)
 
 
 def check_sigma(value: Any) -> float:

@@ -22,10 +22,9 @@ released models use, or ``center`` = SmoothAdv's InputCenterLayer); the released
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe
+from bench.defenses.base import Defense, DefenseInfo, Recipe, number_param
 from bench.errors import BenchError, CheckpointError
 from bench.models.names import ARCH_NAMES, COHEN_ARCH_NAMES, INPUT_LAYERS
 from bench.registry import register_defense
@@ -57,15 +56,7 @@ _CPU = Recipe(epochs=20, batch_size=64, optimizer="adam", lr=1e-3, momentum=0.0,
 
 def check_sigma(value: Any) -> float:
     """``value`` as a finite float > 0, else a one-line :class:`BenchError`."""
-    if isinstance(value, bool):
-        raise BenchError(f"rs: sigma must be a number > 0, got {value!r}")
-    try:
-        sigma = float(value)
-    except (TypeError, ValueError):
-        raise BenchError(f"rs: sigma must be a number > 0, got {value!r}") from None
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise BenchError(f"rs: sigma must be a finite number > 0, got {value!r}")
-    return sigma
+    return number_param("rs", "sigma", value, low=0.0, inclusive=False)
 
 
 _INPUT_LAYER_ALIASES = {"normalize": "normalize", "normalizelayer": "normalize",
