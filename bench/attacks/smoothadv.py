@@ -51,17 +51,17 @@ class SoftSmoothed(nn.Module):
 
     def __init__(self, model: nn.Module, sigma: float, m: int, noise: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.model, self.sigma, self.m, self.noise = model, sigma, m, noise
-        self.inside = bool(declared(model, "adds_smoothing_noise", False))
+        from bench.certifiers.smoothing import input_noise_sigma
+
+        self.sigma = input_noise_sigma(model, sigma)  # 0 when the model adds the noise itself
+        if noise is not None and self.sigma == 0:
+            noise = torch.zeros_like(noise)
+        self.model, self.m, self.noise = model, m, noise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(x)
-        if self.inside:
-            noise = torch.zeros((self.m, *x.shape), device=x.device, dtype=x.dtype)
-        elif self.noise is not None:
-            noise = self.noise
-        else:
-            noise = self.sigma * torch.randn((self.m, *x.shape), device=x.device, dtype=x.dtype)
+        noise = self.noise if self.noise is not None else \
+            self.sigma * torch.randn((self.m, *x.shape), device=x.device, dtype=x.dtype)
         noisy = (x.unsqueeze(0) + noise).reshape(self.m * n, *x.shape[1:])
         chunk = max(n, (MAX_ROWS // max(n, 1)) * n)  # whole copies of the batch per pass
         probs = torch.cat([torch.softmax(self.model(noisy[i:i + chunk]), dim=1)

@@ -57,7 +57,6 @@ from torch import nn
 from bench.errors import BenchError
 from bench.harness.checks import CheckResult
 from bench.harness.progress import Progress
-from bench.models.defended import declared
 
 if TYPE_CHECKING:
     from bench.certifiers.base import Certificate
@@ -157,9 +156,10 @@ def smoothadv(model: nn.Module, x: torch.Tensor, target: torch.Tensor, radius: t
     of ``SHRINK * radius`` and onto [0, 1]. Returns the adversarial images."""
     eps = _effective_radius(radius, x)
     step = _per_example(2.5 * eps / steps, x)
-    noise = sigma * torch.randn((draws, *x.shape), device=x.device, dtype=x.dtype)
-    if declared(model, "adds_smoothing_noise", False):
-        noise = torch.zeros_like(noise)  # the model adds the smoothing noise itself (DDS)
+    from bench.certifiers.smoothing import input_noise_sigma
+
+    # no extra noise for a model that adds the smoothing noise itself (DDS)
+    noise = input_noise_sigma(model, sigma) * torch.randn((draws, *x.shape), device=x.device, dtype=x.dtype)
     delta = torch.zeros_like(x)
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
