@@ -158,7 +158,11 @@ def predict(model: nn.Module, x: torch.Tensor, sigma: float, n: int = 1000, alph
     return out
 
 
-GROWTH = 1.5  # sequential rounds: 1,000 samples, then 1.5x the previous round
+GROWTH = 1.25  # sequential rounds: 1,000 samples, then 1.25x the previous round (overshoot of a stop: < 25 %)
+# futility projects the remaining votes at the one-sided upper Clopper-Pearson bound at this level
+# (a stopping rule, not a guarantee: it trades samples against how often a borderline example
+# stops one grid radius lower than fixed n would have certified; docs/certification.md)
+FUTILITY_LEVEL = 0.05
 
 
 def _grid_level(p: float, thresholds: list[float]) -> int:
@@ -266,8 +270,9 @@ class Smoothing(Certifier):
                 if cs.n >= n_max:
                     continue
                 # futility: the bound reachable by n if the remaining samples voted for c_A at the
-                # rate of the upper confidence bound (a stopping rule never affects validity)
-                best_k = cs.k + math.floor((n_max - cs.n) * cs.upper())
+                # rate of a 95 % upper confidence bound (a stopping rule never affects validity)
+                rate = 1.0 - clopper_pearson_lower(cs.n - cs.k, cs.n, FUTILITY_LEVEL)
+                best_k = cs.k + math.floor((n_max - cs.n) * rate)
                 reachable = max(cs_lower_bound(best_k, n_max, half), clopper_pearson_lower(best_k, n_max, half))
                 level = _grid_level(cs.lower(), thresholds)
                 if level < min(_grid_level(cs.upper(), thresholds), _grid_level(reachable, thresholds)):
