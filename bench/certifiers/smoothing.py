@@ -35,7 +35,7 @@ __all__ = ["Smoothing", "auto_batch", "certify_counts", "input_noise_sigma", "pr
 def auto_batch(x: torch.Tensor) -> int:
     """Noise samples per forward pass. On a GPU: about 4M input values, between 400 and 10,000
     samples (large passes fill the device). On a CPU: 512 (measured for the eager and the
-    compiled model, 1x8x8 and 3x32x32 inputs: 2,048 samples per pass ran 25-60 % slower, their
+    compiled model, 1x8x8 and 3x32x32 inputs: 2,048 samples per pass ran 25-40 % slower, their
     activations no longer fit in the caches)."""
     if x.device.type == "cpu":
         return 512

@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 COMPILE_MIN_SAMPLES = 200_000  # "auto": compile for a call that draws at least this many samples
 
-# The last model compiled, with its compiled copy (None: compilation failed or disagreed). One
-# entry only: it holds the model and a copy, so a larger cache would keep old models alive.
+# The last model compiled, with its compiled forward (None: compilation failed or disagreed). One
+# entry only: the compiled forward holds the model, so a larger cache would keep old models alive.
 _last: tuple[nn.Module, torch.device, Callable[[torch.Tensor], torch.Tensor] | None] | None = None
 
 
