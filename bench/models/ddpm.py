@@ -123,26 +123,28 @@ def linear_schedule_config() -> dict[str, Any]:
             "prediction_type": "epsilon"}
 
 
+def _local_part(path: Path, subfolder: str, filename: str, missing: str) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for one part saved in ``path/subfolder`` (pipeline
+    layout) or directly in ``path`` (flat layout); ``missing`` is the error when it is in neither."""
+    if (path / subfolder / filename).is_file():
+        return {"pretrained_model_name_or_path": str(path), "subfolder": subfolder}
+    if (path / filename).is_file():
+        return {"pretrained_model_name_or_path": str(path)}
+    raise BenchError(missing)
+
+
 def _pretrained_parts(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``from_pretrained`` keyword arguments for the UNet and the scheduler of ``source``: a
     ``DDPMPipeline`` layout (``unet/``, ``scheduler/``) or a flat one (``config.json`` and
     ``scheduler_config.json`` side by side)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / "unet" / "config.json").is_file():
-            unet = {"pretrained_model_name_or_path": str(path), "subfolder": "unet"}
-        elif (path / "config.json").is_file():
-            unet = {"pretrained_model_name_or_path": str(path)}
-        else:
-            raise BenchError(f"dds: no UNet in {path}: expected unet/config.json or config.json "
-                             "(a diffusers save_pretrained directory)")
-        if (path / "scheduler" / "scheduler_config.json").is_file():
-            sched = {"pretrained_model_name_or_path": str(path), "subfolder": "scheduler"}
-        elif (path / "scheduler_config.json").is_file():
-            sched = {"pretrained_model_name_or_path": str(path)}
-        else:
-            raise BenchError(f"dds: no noise schedule in {path}: expected scheduler/scheduler_config.json or "
-                             "scheduler_config.json (save the DDPMScheduler with save_pretrained)")
+        unet = _local_part(path, "unet", "config.json",
+                           f"dds: no UNet in {path}: expected unet/config.json or config.json "
+                           "(a diffusers save_pretrained directory)")
+        sched = _local_part(path, "scheduler", "scheduler_config.json",
+                            f"dds: no noise schedule in {path}: expected scheduler/scheduler_config.json or "
+                            "scheduler_config.json (save the DDPMScheduler with save_pretrained)")
         return unet, sched
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise BenchError(f"dds: denoiser '{source}' is neither a directory nor a hub id (owner/name)")
