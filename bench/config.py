@@ -20,10 +20,13 @@ from bench.errors import BenchError
 
 __all__ = [
     "AttackSpec",
+    "CertifySpec",
     "Norm",
+    "Protocol",
     "RunConfig",
     "ThreatModel",
     "format_eps",
+    "is_adaptive",
     "parse_eps",
     "parse_norm",
     "stable_hash",
@@ -125,6 +128,12 @@ class AttackSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"attack": self.attack, **self.threat.to_dict(), "params": self.kwargs}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttackSpec:
+        """The inverse of :meth:`to_dict` (as stored in a run's configuration)."""
+        return cls(str(data["attack"]), ThreatModel(parse_norm(data["norm"]), float(data["eps"])),
+                   tuple(sorted((data.get("params") or {}).items())))
+
 
 def with_defaults(defaults: dict[str, Any], given: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
     """``given`` keyword parameters over ``defaults`` (``None`` keeps the default); an unknown
@@ -153,6 +162,60 @@ class CertifySpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"certifier": self.certifier, "params": self.kwargs}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CertifySpec:
+        """The inverse of :meth:`to_dict`."""
+        return cls(str(data["certifier"]), tuple(sorted((data.get("params") or {}).items())))
+
+
+ADAPTIVE_PROTOCOLS = ("adaptive", "quick")  # protocols that evaluate randomized models adaptively
+
+
+def is_adaptive(protocol_name: str) -> bool:
+    """Whether the named protocol evaluates a randomized model adaptively (EOT, SmoothAdv)."""
+    return protocol_name in ADAPTIVE_PROTOCOLS or protocol_name.endswith("-rand")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named, versioned evaluation suite (the builders are in :mod:`bench.harness.protocol`).
+
+    Rows are compared on the leaderboard only when their protocol name and version match.
+    """
+
+    name: str
+    version: int
+    attacks: tuple[AttackSpec, ...]
+    n_examples: int | None = None  # None: the whole test split
+    draws: int = 10  # re-draws used to score a randomized model (deterministic models use 1)
+    frozen: bool = False  # attack one frozen draw of the model's randomness (freeze_randomness)
+    description: str = ""
+    certifiers: tuple[CertifySpec, ...] = ()  # run after the attacks, on every example
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def adaptive(self) -> bool:
+        return is_adaptive(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"name": self.name, "version": self.version, "attacks": [a.to_dict() for a in self.attacks],
+               "n_examples": self.n_examples, "draws": self.draws, "frozen": self.frozen}
+        if self.certifiers:  # absent for protocols without certification (keeps their run keys)
+            out["certifiers"] = [c.to_dict() for c in self.certifiers]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Protocol:
+        """The inverse of :meth:`to_dict` (the description is not stored)."""
+        return cls(str(data["name"]), int(data["version"]),
+                   tuple(AttackSpec.from_dict(a) for a in data.get("attacks", [])),
+                   n_examples=data.get("n_examples"), draws=int(data.get("draws", 10)),
+                   frozen=bool(data.get("frozen", False)),
+                   certifiers=tuple(CertifySpec.from_dict(c) for c in data.get("certifiers", [])))
 
 
 def _canonical(obj: Any) -> Any:

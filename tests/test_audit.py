@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from bench.certifiers.audit import audit_model, audit_run, certificate_rows, consistency, l2_pgd
+from bench.certifiers.audit import audit_model, certificate_rows, consistency, l2_pgd
+from bench.harness.audit import audit_run
 from bench.certifiers.lipschitz import Lipschitz
 from bench.certifiers.smoothing import Smoothing
 from bench.errors import BenchError

@@ -213,7 +213,7 @@ def test_plain_progress_lines_are_not_repeated_at_the_end() -> None:
 
     from rich.console import Console
 
-    from bench.harness.progress import RichProgress
+    from bench.progress import RichProgress
 
     out = io.StringIO()
     progress = RichProgress(Console(file=out, force_terminal=False, width=200), interval=0.0)

@@ -514,7 +514,7 @@ def test_end_to_end_nih_chestxray14(nih_root: Path, tmp_path: Path, one_torch_th
 def test_end_to_end_nih_chestxray14_from_checkpoint(nih_root: Path, tmp_path: Path, one_torch_thread) -> None:
     """The multilabel evaluation path without training (which is broken, see above): a small CNN
     that predicts "no finding" for every label, attacked with 3-step PGD on 64 test images."""
-    from bench.harness.checkpoints import save_checkpoint
+    from bench.training.checkpoints import save_checkpoint
     from bench.registry import DEFENSES
 
     spec = get_dataset("nih-chestxray14").spec

@@ -373,7 +373,7 @@ OFFICIAL_WRN = {"conv1.weight": (16, 3, 3, 3), "block1.layer.0.bn1.weight": (16,
 
 
 def test_official_resnet18_checkpoint_loads_with_every_key_consumed(tmp_path: Path) -> None:
-    from bench.harness.checkpoints import load_into, read_checkpoint
+    from bench.training.checkpoints import load_into, read_checkpoint
 
     source = build("cifar10", seed=0, recipe="paper", arch="resnet18")
     official = to_official(source.state_dict(), "resnet18")
@@ -436,7 +436,7 @@ def test_checkpoint_of_the_other_wrn_layout_is_refused_with_a_hint() -> None:
 
 
 def test_resnet_checkpoint_with_the_other_masked_conv_is_a_checkpoint_error() -> None:
-    from bench.harness.checkpoints import load_into
+    from bench.training.checkpoints import load_into
 
     official = to_official(build_meta(arch="resnet18", masked_conv=3).state_dict(), "resnet18")
     with pytest.raises(CheckpointError, match="masked_conv"):

@@ -21,6 +21,7 @@ pytest.importorskip("diffusers")
 
 from bench.defenses import dds as dds_module  # noqa: E402
 from bench.models import ddpm  # noqa: E402
+from bench.models.dds import DDSModel  # noqa: E402
 
 CPU = torch.device("cpu")
 # a few DDPM steps and one classifier epoch: the pipeline runs, nothing is learned
@@ -80,7 +81,7 @@ class ZeroDenoiser(nn.Module):
 
 def toy_model(denoiser: nn.Module, sigma: float = 0.25, classes: int = 3):
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, classes))
-    return dds_module.dds_model_class()(net, denoiser, ddpm.linear_alphas_cumprod(), (0.5,), (0.25,), (1, 8, 8),
+    return DDSModel(net, denoiser, ddpm.linear_alphas_cumprod(), (0.5,), (0.25,), (1, 8, 8),
                                         classes, sigma=sigma)
 
 
@@ -249,7 +250,7 @@ def test_module_imports_without_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    from bench.defenses.dds import DDSModel
+    from bench.models.dds import DDSModel
 
     assert DDSModel.__name__ == "DDSModel"
 
@@ -307,7 +308,7 @@ def _unet_calls(model) -> list[int]:
 
 @pytest.mark.parametrize("train_on", ["denoised", "clean"])
 def test_fit_trains_and_caches_the_ddpm_then_the_classifier_with_the_denoiser_frozen(train_on: str) -> None:
-    from bench.harness.checkpoints import checkpoint_dir
+    from bench.training.checkpoints import checkpoint_dir
 
     train = get_dataset("synthetic").load("train")
     defense, model = build(train_on=train_on)
@@ -348,7 +349,7 @@ def test_robust_training_feeds_every_training_step_its_adversarial_noise(monkeyp
 
 
 def _progress():
-    from bench.harness.progress import Progress
+    from bench.progress import Progress
 
     return Progress()
 

@@ -300,7 +300,7 @@ def test_audit_never_exceeds_the_declared_bound(state: str) -> None:
 def test_exact_jacobian_norm_is_at_most_two_for_every_draw() -> None:
     """Dense per-example Jacobians (piecewise-linear network: the local linear map) in float64,
     over several draws and points, for a 3-channel 16 px network with two downsampling stages."""
-    from bench.defenses.hycas import build_hycas_net
+    from bench.models.hycas import build_hycas_net
 
     torch.manual_seed(0)
     net = build_hycas_net("hycas-small", 3, 5, 16, gate_noise=1.0).double()
@@ -452,7 +452,7 @@ def test_module_imports_without_torch_and_exposes_the_model_class() -> None:
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    from bench.defenses.hycas import HyCASModel
+    from bench.models.hycas import HyCASModel
 
     assert isinstance(build(), HyCASModel) and HyCASModel.__name__ == "HyCASModel"
 
@@ -500,10 +500,10 @@ def test_unknown_hparam_and_multilabel_margin_are_refused() -> None:
 
 
 def test_fit_trains_with_gaussian_noise_at_sigma(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bench.harness.training
+    import bench.training.loop
 
     seen: dict = {}
-    monkeypatch.setattr(bench.harness.training, "fit", lambda model, train, recipe, **kw: seen.update(kw) or "ok")
+    monkeypatch.setattr(bench.training.loop, "fit", lambda model, train, recipe, **kw: seen.update(kw) or "ok")
     spec = get_dataset("synthetic").spec
     model = build(sigma=0.3)
     assert hycas().fit(model, get_dataset("synthetic").load("train"), Recipe(epochs=1, batch_size=8), spec=spec,
@@ -516,10 +516,10 @@ def test_fit_trains_with_gaussian_noise_at_sigma(monkeypatch: pytest.MonkeyPatch
 
 
 def test_margin_hinge(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bench.harness.training
+    import bench.training.loop
 
     seen: dict = {}
-    monkeypatch.setattr(bench.harness.training, "fit", lambda model, train, recipe, **kw: seen.update(kw))
+    monkeypatch.setattr(bench.training.loop, "fit", lambda model, train, recipe, **kw: seen.update(kw))
     spec = get_dataset("synthetic").spec
     model = build(margin=0.5)
     hycas().fit(model, get_dataset("synthetic").load("train"), Recipe(epochs=1, batch_size=8), spec=spec, device=CPU)

@@ -128,7 +128,7 @@ def test_attack_command_uses_only_norms_the_attack_supports(tmp_path):
 def test_wrapped_attack_norm_is_checked_before_training():
     from bench.errors import BenchError
     from bench.harness.protocol import Protocol
-    from bench.harness.runner import check_attacks
+    from bench.harness.resolve import check_attacks
     from bench.config import AttackSpec, ThreatModel
 
     spec = AttackSpec("eot", ThreatModel("L2", 0.5), (("attack", "fgsm"),))
@@ -149,7 +149,7 @@ def test_same_attack_twice_keeps_two_leaderboard_columns():
 
 
 def test_result_checks_flag_square_beating_whitebox_and_non_monotone_eps():
-    from bench.harness.checks import check_eps_monotone, check_square_beats_whitebox
+    from bench.results.checks import check_eps_monotone, check_square_beats_whitebox
 
     threat = {"norm": "Linf", "eps": 0.1, "robust_accuracy": 0.3}
     summary = {"threat_models": [threat], "attacks": [

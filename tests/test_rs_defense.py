@@ -74,7 +74,7 @@ def test_paper_recipe_follows_the_official_defaults() -> None:
 
 
 def test_paper_schedule_equals_steplr_30_over_90_epochs() -> None:
-    from bench.harness.training import make_optimizer, make_scheduler
+    from bench.training.loop import make_optimizer, make_scheduler
 
     paper = rs().recipe("paper")
     ours_opt = make_optimizer(nn.Linear(2, 2), paper)
@@ -181,7 +181,7 @@ def test_perturbation_draws_fresh_noise_every_call() -> None:
 
 def test_fit_passes_the_noise_of_model_sigma_to_the_shared_loop(monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path) -> None:
-    import bench.harness.training
+    import bench.training.loop
 
     seen: dict = {}
 
@@ -189,7 +189,7 @@ def test_fit_passes_the_noise_of_model_sigma_to_the_shared_loop(monkeypatch: pyt
         seen.update(kwargs)
         return "summary"
 
-    monkeypatch.setattr(bench.harness.training, "fit", spy)
+    monkeypatch.setattr(bench.training.loop, "fit", spy)
     spec = get_dataset("synthetic").spec
     model = build(rs(), sigma=0.5)
     recipe = Recipe(epochs=1, batch_size=8)

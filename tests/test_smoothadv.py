@@ -131,7 +131,8 @@ def test_parameters_are_validated_and_sigma_is_required() -> None:
 
 # -- runs of a smoothed classifier -------------------------------------------------------------
 def test_rs_under_quick_is_attacked_with_smoothadv_and_scored_with_predict(tmp_path: Path, monkeypatch) -> None:
-    from bench.harness.runner import PREDICT_N, execute, resolve
+    from bench.harness.runner import execute, resolve
+    from bench.harness.stages import PREDICT_N
     from bench.results.queries import run_summary
     from bench.results.store import Store
 

@@ -1,4 +1,4 @@
-"""The shared training loop (bench.harness.training) and checkpoint files (bench.harness.checkpoints)."""
+"""The shared training loop (bench.training.loop) and checkpoint files (bench.training.checkpoints)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from torch.nn import functional as F
 from bench.data.base import Split, get_dataset
 from bench.defenses.base import Recipe
 from bench.errors import CheckpointError
-from bench.harness.checkpoints import load_into, read_checkpoint, save_checkpoint, sha256_file
-from bench.harness.training import TrainSummary, fit, make_optimizer, make_scheduler
+from bench.training.checkpoints import load_into, read_checkpoint, save_checkpoint, sha256_file
+from bench.training.loop import TrainSummary, fit, make_optimizer, make_scheduler
 from bench.registry import DEFENSES
 from helpers import ModeRecorder, accuracy, linear_model
 

@@ -54,15 +54,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from bench.errors import BenchError
-from bench.harness.checks import CheckResult
-from bench.harness.progress import Progress
+from bench.results.checks import CheckResult
+from bench.progress import Progress
 
 if TYPE_CHECKING:
     from bench.certifiers.base import Certificate
-    from bench.results.store import Store
 
-__all__ = ["audit_model", "audit_run", "certificate_rows", "consistency", "l2_pgd", "smoothadv"]
+__all__ = ["audit_model", "certificate_rows", "consistency", "l2_pgd", "smoothadv"]
 
 LIPSCHITZ_TOL = 1e-4  # relative float-rounding allowance on the declared bound
 SHRINK = 0.999  # attacks stay inside 0.999 x the certified radius
@@ -442,76 +440,3 @@ def consistency(summary: dict[str, Any], randomized: bool) -> CheckResult:
     return CheckResult("certified_vs_empirical", False,
                        f"consistent: certified accuracy at most the empirical robust accuracy in {compared} "
                        f"comparison(s)" + note)
-
-
-# -- a stored run -----------------------------------------------------------------------------------
-
-
-def _load_examples(run: Any, config: dict[str, Any], dataset: Any, progress: Progress) -> Any:
-    """The run's examples, exactly: its split, subset to its stored indices (as ``bench attack``)."""
-    from bench.harness.extend import load_run_examples
-
-    return load_run_examples(run, config, dataset, progress, "audit")
-
-
-def _unpack(data: Any) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    if isinstance(data, (tuple, list)):
-        x, y, *rest = data
-        indices = rest[0] if rest else range(len(x))
-    else:
-        x, y, indices = data.images, data.labels, data.indices
-    if isinstance(indices, torch.Tensor):
-        indices = indices.tolist()
-    return x, y, [int(i) for i in indices]
-
-
-def audit_run(store: Store, run_id: int, model: nn.Module | None = None, data: Any = None,
-              progress: Progress | None = None, device: str = "auto", max_examples: int = 64,
-              seed: int = 0) -> list[CheckResult]:
-    """Audit stored run ``run_id``: compute the checks, store each with the run, return them.
-
-    ``model`` and ``data`` default to the run's own: its checkpoint (verified by sha256; a run
-    without a stored checkpoint is a :class:`BenchError`) and its examples (its split, subset to
-    its stored indices). ``data`` may be a :class:`bench.data.base.Split` or ``(x, y, indices)``
-    with the run's dataset indices. A given model is used as it is (device included).
-    """
-    from bench.harness.device import resolve_device
-    from bench.harness.extend import _load_model
-    from bench.registry import DATASETS
-    from bench.results.queries import get_run_or_fail, run_summary
-    from bench.results.schema import EvalKind
-
-    if max_examples < 1:
-        raise BenchError(f"max_examples must be >= 1, got {max_examples}")
-    progress = progress or Progress()
-    run = get_run_or_fail(store, run_id)
-    config = run.config or {}
-    dataset = None
-    if model is None:
-        model, dataset = _load_model(store, run, config)
-        model.to(torch.device(resolve_device(device)))
-    if data is None:
-        if dataset is None:
-            dataset = DATASETS.get(config.get("dataset_entry", config["dataset"]))()
-        data = _load_examples(run, config, dataset, progress)
-    x, y, indices = _unpack(data)
-    stages = [e for e in store.evaluations(run_id) if e.kind is EvalKind.CERTIFY]
-    certs: dict[int, list[dict[str, Any]]] | None = None
-    infos: dict[int, dict[str, Any]] = {}
-    if stages:
-        by_stage: dict[int, list[dict[str, Any]]] = {e.id: [] for e in stages}
-        for row in store.results([e.id for e in stages]):
-            by_stage[row.evaluation_id].append({"example_index": row.example_index, "prediction": row.prediction,
-                                                "abstained": row.abstained, "radius": row.radius,
-                                                "correct": row.correct})
-        certs = {e.position: by_stage[e.id] for e in stages}
-        infos = {e.position: dict((e.params or {}).get("certificate") or {"certifier": e.method, "sigma": e.sigma})
-                 for e in stages}
-        for e in stages:
-            infos[e.position].setdefault("certifier", e.method)
-    checks = audit_model(model, x, y, certs, seed=seed, max_examples=max_examples, stages=infos, indices=indices,
-                         progress=progress)
-    checks.append(consistency(run_summary(store, run_id), bool(getattr(model, "randomized", False))))
-    for check in checks:
-        store.set_check(run_id, check.name, check.triggered, check.detail)
-    return checks

@@ -139,14 +139,14 @@ def run(
     progress = None
     if not stored:
         from bench.cli.output import stderr
-        from bench.harness.progress import RichProgress
+        from bench.progress import RichProgress
 
         progress = RichProgress(stderr)
     run_id = execute(resolved, store, progress)
     if escalate:
         from bench.cli.output import stderr
         from bench.harness.escalate import escalate as run_remedies
-        from bench.harness.progress import RichProgress
+        from bench.progress import RichProgress
 
         stored = not run_remedies(store, run_id, progress or RichProgress(stderr), resolved.config.device) and stored
     summary = run_summary(store, run_id)
@@ -222,7 +222,7 @@ def attack(
             raise BenchError(f"run {run_id} has no {'/'.join(n.value for n in norms)} threat model for attack "
                              f"'{name}'; give --norm and --eps")
     from bench.cli.output import stderr
-    from bench.harness.progress import RichProgress
+    from bench.progress import RichProgress
 
     for threat in threats:
         add_attack(store, run_id, AttackSpec(name, threat, params), RichProgress(stderr), device)
@@ -458,9 +458,9 @@ def audit(
     """Try to break a run's certificates (declared Lipschitz bound, attacks inside certified radii,
     certified vs empirical accuracy); stores and prints each check. Exit status 0 even when a check
     triggers: the outcome is a result."""
-    from bench.certifiers.audit import audit_run
+    from bench.harness.audit import audit_run
     from bench.cli.output import stderr, stdout
-    from bench.harness.progress import RichProgress
+    from bench.progress import RichProgress
 
     if examples < 1:
         raise BenchError(f"invalid --examples {examples}: must be >= 1")

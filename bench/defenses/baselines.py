@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from bench.data.base import DatasetSpec, Split
-    from bench.harness.training import TrainSummary
+    from bench.training.loop import TrainSummary
     from bench.models.defended import DefendedModel
 
 
@@ -54,7 +54,7 @@ class PGDAT(Defense):
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
             device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
-        from bench.harness.training import fit
+        from bench.training.loop import fit
         from bench.registry import ATTACKS
 
         threat = training_threat(recipe, spec)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from bench.config import ThreatModel
     from bench.data.base import DatasetSpec, Split
-    from bench.harness.training import Perturb, TrainSummary
+    from bench.training.loop import Perturb, TrainSummary
     from bench.models.defended import DefendedModel
 
 __all__ = ["DCS", "ARCHS", "gsat_perturb", "official_to_bench"]
@@ -90,7 +90,7 @@ def check_hparams(hparams: dict[str, Any], image_size: int, recipe: str | None =
 
 
 def gsat_perturb(attack: Any, threat: ThreatModel) -> Perturb:
-    """The GSAT perturbation for :func:`bench.harness.training.fit`.
+    """The GSAT perturbation for :func:`bench.training.loop.fit`.
 
     ``attack`` runs inside ``model.freeze_randomness()``: one mask M1 per masked conv, drawn on
     entry, serves every PGD step. Afterwards each masked conv draws M2 among the positions M1
@@ -157,7 +157,7 @@ def official_to_bench(state: dict[str, Any], model: DefendedModel) -> dict[str, 
 def _mismatch_report(model: DefendedModel, state: dict[str, Any]) -> str | None:
     """None when ``state`` fits ``model`` exactly; else a few lines naming the first mismatches."""
 
-    from bench.harness.checkpoints import key_mismatches, listed
+    from bench.training.checkpoints import key_mismatches, listed
 
     missing, unexpected, shapes = key_mismatches(model.state_dict(), state)
     lines = []
@@ -253,7 +253,7 @@ class DCS(Defense):
         ``validation`` 0 keeps the last epoch.
         """
         from bench.defenses.baselines import training_threat
-        from bench.harness.training import fit
+        from bench.training.loop import fit
         from bench.registry import ATTACKS
 
         if not hasattr(model, "freeze_randomness") or not hasattr(model, "resample_masks"):

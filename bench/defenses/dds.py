@@ -35,12 +35,9 @@ See docs/defenses/dds.md for the deviations from the official code.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe, lazy_model_class, number_param
+from bench.defenses.base import Defense, DefenseInfo, Recipe, number_param
 from bench.errors import BenchError, CheckpointError
 from bench.registry import register_defense
 
@@ -51,11 +48,11 @@ if TYPE_CHECKING:
     from torch import nn
 
     from bench.data.base import DatasetSpec, Split
-    from bench.harness.progress import Progress
-    from bench.harness.training import Perturb, TrainSummary
+    from bench.progress import Progress
+    from bench.training.loop import Perturb, TrainSummary
     from bench.models.defended import DefendedModel
 
-__all__ = ["DDS", "DDSRobust", "dds_model_class", "robust_noise_perturb"]
+__all__ = ["DDS", "DDSRobust", "robust_noise_perturb"]
 
 # The classifier recipes. Hedayatnia et al.'s CIFAR-10 configs: AdamW (lr 1e-3, weight decay 0.05),
 # cosine annealing per iteration to 1e-5, 100 epochs, batch 256. The shared loop has Adam with L2
@@ -176,6 +173,7 @@ class DDS(Defense):
     def build(self, spec: DatasetSpec, image_size: int, **hparams: Any) -> DefendedModel:
         from bench.models import ddpm
         from bench.models.backbones import build_backbone
+        from bench.models.dds import DDSModel
         from bench.models.names import resolve_arch
 
         p = {**self.hparams, **hparams}
@@ -195,18 +193,18 @@ class DDS(Defense):
                 raise BenchError(f"dds: the denoiser '{source}' needs an image size divisible by {factor}, "
                                  f"got {image_size}")
         net = build_backbone(resolve_arch(str(p["arch"]), image_size), spec.channels, spec.num_classes, image_size)
-        model = dds_model_class()(net, unet, ddpm.alphas_cumprod_of(schedule), spec.mean, spec.std,
-                                  spec.shape(image_size), spec.num_classes, spec.task, sigma=sigma,
-                                  prediction_type=str(schedule.get("prediction_type", "epsilon")),
-                                  denoiser_source=source)
+        model = DDSModel(net, unet, ddpm.alphas_cumprod_of(schedule), spec.mean, spec.std,
+                         spec.shape(image_size), spec.num_classes, spec.task, sigma=sigma,
+                         prediction_type=str(schedule.get("prediction_type", "epsilon")),
+                         denoiser_source=source)
         model.training_options = _training_options(p)  # read by fit()
         return model
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
             device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
         """Train (or load the cached) DDPM when ``denoiser=train``, then the classifier, denoiser frozen."""
-        from bench.harness.progress import Progress
-        from bench.harness.training import fit
+        from bench.progress import Progress
+        from bench.training.loop import fit
 
         progress = progress or Progress()
         if not getattr(model, "adds_smoothing_noise", False):
@@ -278,7 +276,7 @@ def fit_denoiser(model: DefendedModel, train: Split, recipe: Recipe, *, spec: Da
 
     from bench.config import stable_hash
     from bench.data.base import indices_hash
-    from bench.harness.checkpoints import checkpoint_dir, read_checkpoint, save_checkpoint
+    from bench.training.checkpoints import checkpoint_dir, read_checkpoint, save_checkpoint
     from bench.models import ddpm
 
     started = time.perf_counter()
@@ -312,7 +310,7 @@ def fit_denoiser(model: DefendedModel, train: Split, recipe: Recipe, *, spec: Da
 
 
 def robust_noise_perturb(steps: int, step_size: float, eps_max: float | None) -> Perturb:
-    """Hedayatnia et al.'s training augmentation as a :data:`~bench.harness.training.Perturb` hook.
+    """Hedayatnia et al.'s training augmentation as a :data:`~bench.training.loop.Perturb` hook.
 
     For a batch (x, y): eps0 ~ N(0, I); K times, eps <- eps + eta * sign(grad_eps CE(f(D(x, eps)), y)),
     where D is the frozen one-shot denoiser at t*, then (with ``eps_max``) eps - eps0 is clamped to
@@ -344,121 +342,3 @@ def robust_noise_perturb(steps: int, step_size: float, eps_max: float | None) ->
 
     return perturb
 
-
-# -- the model ------------------------------------------------------------------------------------
-def _define_model_class() -> type[DefendedModel]:
-    import torch
-    from torch import nn
-
-    from bench.models import ddpm
-    from bench.models.defended import DefendedModel
-
-    class _ClassifierView(nn.Module):
-        """The classifier alone (normalization and backbone of a DDS model): for clean training."""
-
-        def __init__(self, model: DefendedModel) -> None:
-            super().__init__()
-            self.normalize, self.net = model.normalize, model.net
-            self.task, self.num_classes = model.task, model.num_classes
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(self.normalize(x))
-
-    class DDSModel(DefendedModel):
-        """Denoise-then-classify: images in [0, 1] -> logits, with the smoothing noise drawn inside.
-
-        Declarations: ``randomized`` and ``randomness_per_example`` (a fresh eps per example per
-        pass), ``adds_smoothing_noise`` (certifiers must not add Gaussian noise of their own),
-        ``smoothed_evaluation`` (the defended classifier is the smoothed g: runs score it with PREDICT),
-        ``sigma`` (the nominal pixel-space sigma, used for certificates), ``t_star`` and
-        ``effective_sigma`` (sqrt(1 - abar_t*) / (2 sqrt(abar_t*)) >= sigma, the noise actually
-        added). The denoiser (``self.denoiser``) is frozen and always in eval mode.
-        """
-
-        randomized = True
-        randomness_per_example = True
-        adds_smoothing_noise = True
-        smoothed_evaluation = True  # the defended classifier is g: a run predicts with PREDICT
-
-        def __init__(self, net: nn.Module, denoiser: nn.Module, alphas_cumprod: torch.Tensor,
-                     mean: Sequence[float], std: Sequence[float], input_shape: Sequence[int], num_classes: int,
-                     task: str = "multiclass", *, sigma: float = 0.25, prediction_type: str = "epsilon",
-                     denoiser_source: str = "train", classifier_size: int | None = None) -> None:
-            super().__init__(net, mean, std, input_shape, num_classes, task)
-            if prediction_type not in ddpm.PREDICTION_TYPES:
-                raise BenchError(f"dds: unsupported prediction type '{prediction_type}'; "
-                                 f"known: {', '.join(ddpm.PREDICTION_TYPES)}")
-            self.denoiser = denoiser.eval().requires_grad_(False)
-            self.register_buffer("alphas_cumprod", alphas_cumprod.detach().double().cpu(), persistent=False)
-            self.sigma = float(sigma)
-            self.t_star = ddpm.timestep_for_sigma(self.alphas_cumprod, self.sigma)
-            self.effective_sigma = ddpm.effective_sigma(self.alphas_cumprod, self.t_star)
-            self.abar_t = float(self.alphas_cumprod[self.t_star])
-            self.prediction_type = prediction_type
-            self.denoiser_source = denoiser_source
-            self.classifier_size = int(classifier_size or self.input_shape[-1])
-            self.training_options: dict[str, Any] = {"train_on": "denoised", "robust_noise": False}
-            self._frozen_seed: int | None = None
-            self._pending_noise: torch.Tensor | None = None
-
-        # -- the pieces ------------------------------------------------------------------------
-        def diffuse(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-            """x_t = sqrt(abar_t*) (2x - 1) + sqrt(1 - abar_t*) eps."""
-            return math.sqrt(self.abar_t) * (2.0 * x - 1.0) + math.sqrt(1.0 - self.abar_t) * eps
-
-        def denoise(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-            """The one-shot x0 estimate from x_t, clipped, back in [0, 1]."""
-            x_t = self.diffuse(x, eps)
-            t = torch.full((len(x),), self.t_star, dtype=torch.long, device=x.device)
-            out = self.denoiser(x_t, t).sample
-            return (ddpm.predict_x0(out.to(x_t.dtype), x_t, self.abar_t, self.prediction_type) + 1.0) / 2.0
-
-        def classify(self, images: torch.Tensor) -> torch.Tensor:
-            if images.shape[-1] != self.classifier_size or images.shape[-2] != self.classifier_size:
-                images = torch.nn.functional.interpolate(images, (self.classifier_size, self.classifier_size),
-                                                         mode="bicubic", antialias=True)
-            return self.net(self.normalize(images))
-
-        def draw_noise(self, x: torch.Tensor) -> torch.Tensor:
-            """eps for this pass: the pending one (training hook), the frozen draw, or a fresh one."""
-            if self._pending_noise is not None:
-                eps, self._pending_noise = self._pending_noise, None
-                if eps.shape != x.shape:
-                    raise RuntimeError(f"dds: pending noise of shape {tuple(eps.shape)} for input {tuple(x.shape)}")
-                return eps.to(device=x.device, dtype=x.dtype)
-            if self._frozen_seed is not None:
-                generator = torch.Generator(device=x.device).manual_seed(self._frozen_seed)
-                return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            return torch.randn_like(x)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.classify(self.denoise(x, self.draw_noise(x)))
-
-        # -- randomness and modes ---------------------------------------------------------------
-        def use_noise_once(self, eps: torch.Tensor) -> None:
-            """The next forward pass uses ``eps`` instead of a fresh draw (robust-noise training)."""
-            self._pending_noise = eps
-
-        @contextmanager
-        def freeze_randomness(self) -> Iterator[None]:
-            """One eps per input shape (a seed drawn from the global RNG on entry) until exit."""
-            previous = self._frozen_seed
-            self._frozen_seed = int(torch.randint(0, 2**62, (1,)).item())
-            try:
-                yield
-            finally:
-                self._frozen_seed = previous
-
-        def train(self, mode: bool = True) -> DDSModel:
-            super().train(mode)
-            self.denoiser.eval()  # frozen: never in train mode (dropout)
-            return self
-
-        def classifier_view(self) -> nn.Module:
-            return _ClassifierView(self)
-
-    return DDSModel
-
-
-# ``from bench.defenses.dds import DDSModel`` imports torch (PEP 562); dds_model_class() returns the class
-dds_model_class, __getattr__ = lazy_model_class(__name__, "DDSModel", _define_model_class)

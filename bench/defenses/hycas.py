@@ -34,11 +34,9 @@ sqrt(2) * L * r). What is certified (two different classifiers, never combined):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe, lazy_model_class, number_param
+from bench.defenses.base import Defense, DefenseInfo, Recipe, number_param
 from bench.errors import BenchError
 from bench.registry import register_defense
 
@@ -46,19 +44,14 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
-    from torch import nn
 
     from bench.data.base import DatasetSpec, Split
-    from bench.harness.training import TrainSummary
+    from bench.training.loop import TrainSummary
     from bench.models.defended import DefendedModel
 
-__all__ = ["ARCHS", "HyCAS", "build_hycas_net", "hycas_model_class", "resolve_hycas_arch"]
+__all__ = ["ARCH_NAMES", "HyCAS", "resolve_hycas_arch"]
 
-# name -> (stem width, widest layer, convolutions per downsampling stage)
-ARCHS: dict[str, tuple[int, int, int]] = {
-    "hycas-small": (16, 64, 1),  # digits, HAM10000 / NIH at 64 px on a CPU
-    "hycas-wide": (64, 256, 2),  # paper-scale training on a GPU (CIFAR, 128 px medical images)
-}
+ARCH_NAMES = ("hycas-small", "hycas-wide")  # bench.models.hycas.ARCHS defines them
 
 # The official notebook's training (cell 6): Adam lr 1e-3, batch 8, 100 epochs, categorical
 # cross-entropy, Gaussian input noise sigma = 0.5. Its ReduceLROnPlateau (patience 50) and early
@@ -70,27 +63,12 @@ _PAPER = Recipe(epochs=100, batch_size=8, optimizer="adam", lr=1e-3, momentum=0.
 _CPU = Recipe(epochs=30, batch_size=64, optimizer="adam", lr=5e-3, momentum=0.0, weight_decay=0.0,
               schedule="cosine", max_examples=40_000)
 
-_GUARANTEE = ("by construction, for every weight and every draw of the internal randomness: AOL-rescaled "
-              "convolutions and AOL head (Prach & Lampert 2022, ||W D|| <= 1), GroupSort, pixel-unshuffle, "
-              "orthonormal (QR) random 1x1 projections concatenated with an AOL conv and scaled by 1/sqrt(2), "
-              "one residual noisy gate x + s*h(x) with s in [0,1] independent of x (<= 2), mean subtraction "
-              "only (no std division); chain rule: 2 (docs/defenses/hycas.md)")
-
-
 def _number(name: str, value: Any, *, low: float, inclusive: bool) -> float:
     return number_param("hycas", name, value, low=low, inclusive=inclusive)
 
 
 def check_sigma(value: Any) -> float:
     return _number("sigma", value, low=0.0, inclusive=False)
-
-
-def _random_channels(width: int, fraction: float) -> int:
-    count = int(round(width * fraction))
-    if not 0 < count < width:
-        raise BenchError(f"hycas: random_fraction {fraction:g} gives {count} random channels of {width}; "
-                         "it must leave at least one random and one learned channel")
-    return count
 
 
 def _check_fraction(value: Any) -> float:
@@ -104,87 +82,9 @@ def resolve_hycas_arch(arch: str, image_size: int, recipe: str | None = None) ->
     """``auto``: ``hycas-small`` for images up to 16 px or the ``cpu`` recipe, else ``hycas-wide``."""
     if arch == "auto":
         return "hycas-small" if image_size <= 16 or recipe == "cpu" else "hycas-wide"
-    if arch not in ARCHS:
-        raise BenchError(f"hycas: unknown architecture '{arch}'; known: auto, {', '.join(ARCHS)}")
+    if arch not in ARCH_NAMES:
+        raise BenchError(f"hycas: unknown architecture '{arch}'; known: auto, {', '.join(ARCH_NAMES)}")
     return arch
-
-
-def build_hycas_net(arch: str, in_channels: int, num_classes: int, image_size: int, *, gate_noise: float = 0.6,
-                    random_fraction: float = 0.5) -> nn.Sequential:
-    """The HyCAS feature extractor and head as one ``nn.Sequential`` of bounded layers.
-
-    stem AOL conv -> GroupSort -> random-projection conv -> GroupSort -> noisy attention gate,
-    then (pixel-unshuffle, AOL conv, GroupSort)* until the side is 4 px (or odd), then flatten and
-    an AOL linear head. Its ``lipschitz`` attribute is the chain-rule product of the per-layer
-    constants (2.0).
-    """
-    from torch import nn
-
-    from bench.models.lipschitz_layers import (AOLConv2d, AOLLinear, GroupSort, NoisyAttentionGate,
-                                               RandomProjectionConv2d, lipschitz_product)
-
-    width, widest, depth = ARCHS[arch]
-    layers: list[nn.Module] = [
-        AOLConv2d(in_channels, width, 3), GroupSort(),
-        RandomProjectionConv2d(width, width, _random_channels(width, random_fraction), kernel_size=3,
-                               random_kernel=1), GroupSort(),
-        NoisyAttentionGate(width, noise=gate_noise),
-    ]
-    channels, size = width, int(image_size)
-    while size > 4 and size % 2 == 0:
-        size //= 2
-        nxt = min(2 * channels, widest)
-        layers += [nn.PixelUnshuffle(2), AOLConv2d(4 * channels, nxt, 3), GroupSort()]
-        for _ in range(depth - 1):
-            layers += [AOLConv2d(nxt, nxt, 3), GroupSort()]
-        channels = nxt
-    layers += [nn.Flatten(), AOLLinear(channels * size * size, num_classes)]
-    net = nn.Sequential(*layers)
-    net.lipschitz = lipschitz_product(layers)  # type: ignore[assignment]
-    return net
-
-
-def _define_model_class() -> type[DefendedModel]:
-    from bench.models.defended import DefendedModel
-    from bench.models.lipschitz_layers import frozen_randomness
-
-    class HyCASModel(DefendedModel):
-        """A HyCAS network behind mean subtraction: images in [0, 1] -> logits, <= 2-Lipschitz per draw.
-
-        Normalisation subtracts the dataset mean only: dividing by the std would multiply the
-        bound by 1 / min(std) (e.g. 2.7 on digits), so the std stays 1 and the first AOL layer
-        absorbs the scale. Declarations: ``randomized`` (fresh random filters and gate noise at
-        every pass), ``randomness_per_example`` (independent draws per example, so a batch of
-        noisy copies of one image gives independent samples), ``lipschitz_bound = 2.0`` with its
-        guarantee, ``sigma`` (the training noise, for the smoothing certificate).
-        """
-
-        randomized = True
-        randomness_per_example = True
-        lipschitz_bound = 2.0
-        lipschitz_guarantee = _GUARANTEE
-        logit_clip = 1.0  # the lipschitz certifier's clip range B for argmax E[clip(logits, -B, B)]
-
-        def __init__(self, net: nn.Module, mean: Sequence[float], input_shape: Sequence[int], num_classes: int,
-                     task: str = "multiclass", sigma: float = 0.5, margin: float = 0.0) -> None:
-            super().__init__(net, mean, [1.0] * len(mean), input_shape, num_classes, task)
-            proven = float(getattr(net, "lipschitz", math.inf))
-            if proven > self.lipschitz_bound:
-                raise ValueError(f"HyCAS network's chain-rule bound {proven} exceeds {self.lipschitz_bound}")
-            self.sigma = float(sigma)
-            self.margin = float(margin)  # training only: target radius of the margin hinge
-
-        @contextmanager
-        def freeze_randomness(self) -> Iterator[None]:
-            """One draw of every random projection and gate noise, per input shape, until exit."""
-            with frozen_randomness(self):
-                yield
-
-    return HyCASModel
-
-
-# ``from bench.defenses.hycas import HyCASModel`` imports torch (PEP 562); hycas_model_class() returns the class
-hycas_model_class, __getattr__ = lazy_model_class(__name__, "HyCASModel", _define_model_class)
 
 
 def margin_loss(base: Any, bound: float, radius: float) -> Any:
@@ -245,18 +145,20 @@ class HyCAS(Defense):
         margin = _number("margin", p["margin"], low=0.0, inclusive=True)
         if margin > 0 and spec.task == "multilabel":
             raise BenchError("hycas: the margin term needs a single-label task (argmax of the logits)")
+        from bench.models.hycas import HyCASModel, build_hycas_net
+
         net = build_hycas_net(arch, spec.channels, spec.num_classes, image_size,
                               gate_noise=_number("gate_noise", p["gate_noise"], low=0.0, inclusive=True),
                               random_fraction=_check_fraction(p["random_fraction"]))
-        return hycas_model_class()(net, spec.mean, spec.shape(image_size), spec.num_classes, spec.task,
-                                   sigma=sigma, margin=margin)
+        return HyCASModel(net, spec.mean, spec.shape(image_size), spec.num_classes, spec.task,
+                          sigma=sigma, margin=margin)
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
             device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
         """Gaussian noise augmentation at ``model.sigma`` (+ the margin hinge when ``model.margin`` > 0)."""
         from bench import tasks
         from bench.defenses.smoothing import gaussian_noise
-        from bench.harness.training import fit
+        from bench.training.loop import fit
 
         sigma = getattr(model, "sigma", None)
         if sigma is None:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from bench.data.base import DatasetSpec, Split
-    from bench.harness.training import TrainSummary
+    from bench.training.loop import TrainSummary
     from bench.models.defended import DefendedModel
 
 __all__ = ["SmoothAdvDefense", "SmoothAdvTraining"]
@@ -145,7 +145,7 @@ class SmoothAdvDefense(RandomizedSmoothing):
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
             device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
         """SmoothAdv training of the base classifier at ``model.sigma`` (see the module docstring)."""
-        from bench.harness.training import fit
+        from bench.training.loop import fit
 
         settings = getattr(model, "smoothadv", None)
         if settings is None or getattr(model, "sigma", None) is None:

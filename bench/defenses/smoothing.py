@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from bench.data.base import DatasetSpec, Split
-    from bench.harness.training import Perturb, TrainSummary
+    from bench.training.loop import Perturb, TrainSummary
     from bench.models.defended import DefendedModel
 
 __all__ = ["RandomizedSmoothing", "check_input_layer", "check_sigma", "gaussian_noise", "resolve_official_hparams"]
@@ -105,7 +105,7 @@ def gaussian_noise(sigma: float) -> Perturb:
 
     Noise is in pixel space (``x`` is the raw [0, 1] image; the model normalizes internally) and
     the result is not clipped, as in the official training code. It draws from the global torch
-    RNG, which :func:`bench.harness.training.fit` seeds and saves for resumption.
+    RNG, which :func:`bench.training.loop.fit` seeds and saves for resumption.
     """
     sigma = check_sigma(sigma)
 
@@ -179,7 +179,7 @@ class RandomizedSmoothing(Defense):
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
             device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
         """Train the base classifier with Gaussian noise at ``model.sigma`` (set by :meth:`build`)."""
-        from bench.harness.training import fit
+        from bench.training.loop import fit
 
         sigma = getattr(model, "sigma", None)
         if sigma is None:

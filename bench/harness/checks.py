@@ -6,17 +6,10 @@ A triggered check does not stop the run: it is recorded (``checks`` table, ``ben
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    triggered: bool
-    detail: str
+from bench.results.checks import CheckResult
 
 
 def check_train_mode(model: nn.Module, x: torch.Tensor) -> CheckResult:
@@ -137,45 +130,3 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, declared_rand
     finally:
         model.train(was_training)
     return results
-
-
-# -- checks on the results, run after the attacks (pure functions of the run summary) -------------
-WHITEBOX_GAP = 0.002  # AutoAttack's flag: Square more than 0.2 points below the best white-box result
-
-
-def check_square_beats_whitebox(summary: dict) -> CheckResult:
-    """Within a threat model's cascade, a score-based attack (Square) that breaks examples the
-    gradient attacks before it left robust means those gradients were uninformative."""
-    worst = []
-    for threat in summary.get("threat_models", []):
-        stages = [a for a in summary["attacks"] if (a["norm"], a["eps"]) == (threat["norm"], threat["eps"])]
-        for k, stage in enumerate(stages):
-            before = [s["accuracy"] for s in stages[:k] if s["name"] != "square"]
-            if stage["name"] == "square" and before and stage["accuracy"] is not None:
-                gap = min(before) - stage["accuracy"]
-                if gap > WHITEBOX_GAP:
-                    worst.append(f"{threat['norm']} {threat['eps']:.4g}: square {100 * gap:.2f} points below")
-    detail = ("; ".join(worst) + ": white-box gradients look masked; use EOT/BPDA or more restarts"
-              if worst else "no score-based attack beat the white-box attacks by more than 0.2 points")
-    return CheckResult("square_beats_whitebox", bool(worst), detail)
-
-
-def check_eps_monotone(summary: dict) -> CheckResult:
-    """Robust accuracy must not increase with eps (per norm): otherwise an attack failed at large eps."""
-    problems = []
-    by_norm: dict[str, list[tuple[float, float]]] = {}
-    for threat in summary.get("threat_models", []):
-        if threat["robust_accuracy"] is not None:
-            by_norm.setdefault(threat["norm"], []).append((threat["eps"], threat["robust_accuracy"]))
-    for norm, points in by_norm.items():
-        points.sort()
-        for (e1, a1), (e2, a2) in zip(points, points[1:]):
-            if a2 > a1:
-                problems.append(f"{norm}: {100 * a1:.2f}% at eps {e1:.4g} but {100 * a2:.2f}% at eps {e2:.4g}")
-    detail = ("; ".join(problems) + ": the attack is weaker at the larger eps (failed optimisation or masking)"
-              if problems else "robust accuracy does not increase with eps")
-    return CheckResult("eps_monotone", bool(problems), detail)
-
-
-def result_checks(summary: dict) -> list[CheckResult]:
-    return [check_square_beats_whitebox(summary), check_eps_monotone(summary)]

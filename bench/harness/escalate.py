@@ -25,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bench.config import AttackSpec, ThreatModel, parse_norm
-from bench.harness.progress import Progress
+from bench.config import AttackSpec, ThreatModel
+from bench.progress import Progress
 from bench.results.store import Store
+from bench.results.stored import StoredConfig
 
 __all__ = ["REMEDIES", "Remedy", "escalate", "remedies_for"]
 
@@ -82,26 +83,23 @@ def remedies_for(triggered: list[str], threats: list[ThreatModel], randomized: b
 
 
 def escalate(store: Store, run_id: int, progress: Progress | None = None, device: str = "auto") -> list[dict[str, Any]]:
-    """Run the remedies of the stored run's triggered checks; returns what ran (check, attack)."""
+    """Run the remedies of the stored run's triggered checks; returns what ran (check, attack).
+
+    Remedy stages are scored by the one scoring policy with at least ``MIN_DRAWS`` draws for a
+    model that declares randomness or whose outputs varied (PREDICT for a smoothed classifier)."""
     from bench.harness.extend import add_attack
     from bench.results.queries import get_run_or_fail
 
     progress = progress or Progress()
     run = get_run_or_fail(store, run_id)
     triggered = [c.name for c in store.checks(run_id) if c.triggered and c.name in REMEDIES]
-    config = run.config or {}
-    threats = list(dict.fromkeys(ThreatModel(parse_norm(a["norm"]), float(a["eps"]))
-                                 for a in config["protocol"]["attacks"]))
-    if not threats:
-        threats = [ThreatModel(parse_norm(t["norm"]), float(t["eps"]))
-                   for t in (config.get("dataset_spec") or {}).get("threat_models", [])]
-    declared = bool((config.get("defense_info") or {}).get("randomized", False))
-    draws = max(int(config["protocol"].get("draws", MIN_DRAWS)), MIN_DRAWS)
+    stored = StoredConfig.from_json(run.config)
+    randomized = stored.randomized or "randomized" in triggered
     ran: list[dict[str, Any]] = []
-    for check, spec in remedies_for(triggered, threats, declared):
+    for check, spec in remedies_for(triggered, list(stored.threats), stored.randomized):
         progress.log(f"escalation for check '{check}': {spec.label}")
-        scoring = draws if (declared or "randomized" in triggered) else None
-        add_attack(store, run_id, spec, progress, device, escalated_for=check, draws=scoring)
+        add_attack(store, run_id, spec, progress, device, escalated_for=check, randomized=randomized or None,
+                   min_draws=MIN_DRAWS)
         ran.append({"check": check, **spec.to_dict()})
     if not triggered:
         progress.log("escalation: no triggered check has a remedy; nothing to run")

@@ -8,39 +8,17 @@ when their protocol name and version match. See docs/protocols.md.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable
 
-from bench.config import AttackSpec, CertifySpec, RunConfig, ThreatModel, parse_eps, parse_norm, stable_hash
+from bench.config import (AttackSpec, CertifySpec, Protocol, RunConfig, ThreatModel, is_adaptive, parse_eps, parse_norm,
+                          stable_hash)
 from bench.data.base import DatasetSpec
 from bench.errors import BenchError
 
-__all__ = ["PROTOCOLS", "Protocol", "resolve_protocol"]
+__all__ = ["PROTOCOLS", "Protocol", "is_adaptive", "resolve_protocol"]
 
 DEFAULT_PROTOCOL = "pgd"
-
-
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    version: int
-    attacks: tuple[AttackSpec, ...]
-    n_examples: int | None = None  # None: the whole test split
-    draws: int = 10  # re-draws used to score a randomized model (deterministic models use 1)
-    frozen: bool = False  # attack one frozen draw of the model's randomness (freeze_randomness)
-    description: str = ""
-    certifiers: tuple[CertifySpec, ...] = ()  # run after the attacks, on every example
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"name": self.name, "version": self.version, "attacks": [a.to_dict() for a in self.attacks],
-               "n_examples": self.n_examples, "draws": self.draws, "frozen": self.frozen}
-        if self.certifiers:  # absent for protocols without certification (keeps their run keys)
-            out["certifiers"] = [c.to_dict() for c in self.certifiers]
-        return out
 
 
 def _pgd_v1(spec: DatasetSpec) -> Protocol:
@@ -146,7 +124,6 @@ def describe_protocols() -> list[dict[str, Any]]:
 
 
 THREAT_PROTOCOL = re.compile(r"^(linf|l2)-([0-9.]+(?:/[0-9.]+)?)(-rand)?$")
-ADAPTIVE_PROTOCOLS = ("adaptive", "quick")  # protocols that evaluate randomized models adaptively
 
 
 def _threat_protocol(base: str, spec: DatasetSpec) -> Callable[[DatasetSpec], Protocol] | None:
@@ -161,10 +138,6 @@ def _threat_protocol(base: str, spec: DatasetSpec) -> Callable[[DatasetSpec], Pr
     builder = _adaptive_v1 if rand else _autoattack_v1
     return lambda _spec: replace(builder(one), name=base,
                                  description=f"{builder(one).description.split(' at each')[0]} at {threat.label}")
-
-
-def is_adaptive(protocol_name: str) -> bool:
-    return protocol_name in ADAPTIVE_PROTOCOLS or protocol_name.endswith("-rand")
 
 
 def _named(name: str, spec: DatasetSpec) -> Protocol:

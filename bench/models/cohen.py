@@ -217,7 +217,7 @@ def _strip(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _listed(items: Sequence[str], limit: int = 4) -> str:
-    from bench.harness.checkpoints import listed
+    from bench.training.checkpoints import listed
 
     return listed(items, limit)
 
@@ -282,7 +282,7 @@ def _stat(value: Any, ours: torch.Tensor, what: str, name: str) -> torch.Tensor:
 
 
 def _mismatches(target: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> str | None:
-    from bench.harness.checkpoints import key_mismatches
+    from bench.training.checkpoints import key_mismatches
 
     missing, unexpected, shapes = key_mismatches(target, state)
     parts = []

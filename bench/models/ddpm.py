@@ -20,7 +20,7 @@ from torch import nn
 from bench.errors import BenchError
 
 if TYPE_CHECKING:
-    from bench.harness.progress import Progress
+    from bench.progress import Progress
 
 __all__ = ["DDPM_VERSION", "denoiser_ratio", "effective_sigma", "linear_alphas_cumprod", "load_denoiser",
            "predict_x0", "require_diffusers", "timestep_for_sigma", "tiny_unet", "train_ddpm"]
@@ -180,7 +180,7 @@ def train_ddpm(unet: nn.Module, alphas_cumprod: torch.Tensor, images: torch.Tens
     minimise ``|| eps - unet(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2`` over images in
     [-1, 1]. Adam, constant rate ``lr``, ``steps`` updates of ``batch_size`` random images (with
     horizontal flips off: digits are not mirror-symmetric). Seeded; returns a training summary."""
-    from bench.harness.progress import Progress
+    from bench.progress import Progress
 
     progress = progress or Progress()
     generator = torch.Generator().manual_seed(seed)

@@ -133,7 +133,7 @@ def _unsound_certificate(summary: dict[str, Any]) -> bool:
 
 
 def _randomized_non_adaptive(summary: dict[str, Any]) -> bool:
-    from bench.harness.protocol import is_adaptive
+    from bench.config import is_adaptive
 
     info = (summary.get("config") or {}).get("defense_info") or {}
     return bool(info.get("randomized")) and not is_adaptive(str(summary.get("protocol", "")).split("@")[0])

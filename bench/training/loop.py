@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from bench.data.base import Split
-from bench.defenses.base import Recipe
-from bench.harness.progress import Progress
+from bench.training.recipe import Recipe
+from bench.progress import Progress
 
 Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar
@@ -38,7 +38,7 @@ class TrainSummary:
 def _save_state(path: Path, epoch: int, steps: int, history: list[dict[str, float]], model: nn.Module,
                 optimizer: torch.optim.Optimizer, scheduler: Any, shuffle: torch.Generator,
                 best: Best | None = None) -> None:
-    from bench.harness.checkpoints import atomic_save
+    from bench.training.checkpoints import atomic_save
 
     atomic_save(path, {"epoch": epoch, "steps": steps, "history": history, "model": model.state_dict(),
                        "best": None if best is None else {"score": best[0], "epoch": best[1], "model": best[2]},

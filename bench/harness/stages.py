@@ -1,0 +1,230 @@
+"""The stages of a run (clean, attacks, certificates) and the one scoring policy.
+
+:class:`Evaluator` runs each stage over the run's examples batch by batch, skipping the rows
+already stored, so an interrupted stage resumes exactly (every batch is seeded by its
+position). :func:`scoring_for` is the one place that decides how a model's prediction on an
+(adversarial) example is scored; ``bench run``, ``bench attack``, ``--escalate`` and the audit
+all use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from bench import tasks
+from bench.attacks.base import perturbation_norm
+from bench.certifiers.smoothing import predict
+from bench.config import AttackSpec, CertifySpec, stable_hash
+from bench.errors import AttackNotApplicable
+from bench.models.defended import DefendedModel, declared
+from bench.progress import Progress
+from bench.registry import ATTACKS, CERTIFIERS
+from bench.results.schema import EvalKind
+from bench.results.store import Store
+
+if TYPE_CHECKING:
+    from bench.data.base import Split
+
+__all__ = ["Evaluator", "Scoring", "scoring_for"]
+
+CERTIFY_BATCH = 16  # examples per committed batch of certificates (each may take 100,000 samples)
+PREDICT_N, PREDICT_ALPHA = 1000, 0.001  # PREDICT of a smoothed classifier (Salman et al.'s empirical evaluation)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How one (clean or adversarial) example is scored.
+
+    * ``smoothed``: the defended classifier is a smoothed g; one PREDICT decision (n=1000,
+      alpha=0.001) per example, an abstention counting as wrong; ``draws`` is 1.
+    * otherwise ``draws`` = R forward passes, each with fresh randomness for a randomized model;
+      the example counts as correct only when all R are correct (R = 1 for deterministic models).
+    """
+
+    draws: int = 1
+    smoothed: bool = False
+
+    @property
+    def passes(self) -> int:
+        """Forward passes per example of one scoring."""
+        return PREDICT_N if self.smoothed else self.draws
+
+
+def scoring_for(model: nn.Module, draws: int, *, randomized: bool | None = None, min_draws: int = 1) -> Scoring:
+    """The one scoring policy: PREDICT for a smoothed classifier (whatever else it declares),
+    ``max(draws, min_draws)`` fresh draws for a randomized model (``randomized`` overrides the
+    model's declaration, e.g. for a model whose outputs vary although it does not declare it),
+    one pass otherwise."""
+    if declared(model, "smoothed_evaluation", False):
+        return Scoring(1, smoothed=True)
+    is_randomized = bool(declared(model, "randomized", False)) if randomized is None else randomized
+    return Scoring(max(int(draws), min_draws)) if is_randomized else Scoring(1)
+
+
+def _batches(items: Sequence[int], size: int) -> Iterator[tuple[int, list[int]]]:
+    for number, begin in enumerate(range(0, len(items), size)):
+        yield number, list(items[begin:begin + size])
+
+
+def _seed(*parts: int) -> int:
+    return int(stable_hash(list(parts), 12), 16)
+
+
+class Evaluator:
+    """Runs the stages of one run over its examples, batch by batch, skipping stored rows."""
+
+    def __init__(self, store: Store, run_id: int, model: DefendedModel, data: Split, device: torch.device,
+                 batch_size: int, seed: int, scoring: Scoring, progress: Progress, frozen: bool = False) -> None:
+        assert data.indices is not None
+        self.store, self.run_id, self.model, self.device = store, run_id, model, device
+        self.batch_size, self.seed, self.scoring, self.progress = batch_size, seed, scoring, progress
+        self.draws = scoring.draws
+        self.score_passes = scoring.passes  # forward passes per example of one scoring
+        self.frozen = frozen  # attack one frozen draw (the authors' transfer-draw protocol)
+        self.index = [int(i) for i in data.indices.tolist()]
+        self.position_of = {ex: pos for pos, ex in enumerate(self.index)}
+        self.images, self.labels = data.images, data.labels
+        self.task = str(getattr(model, "task", "multiclass"))
+        self.forward_passes = 0
+        self.backward_passes = 0
+
+    def _tensors(self, examples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.tensor([self.position_of[e] for e in examples])
+        return self.images[pos].to(self.device), self.labels[pos].to(self.device)
+
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Predict ``self.draws`` times (fresh randomness each time for randomized models).
+
+        Returns the majority-vote prediction (per label for multilabel), the number of draws
+        that were correct (all labels, for multilabel) and, for multilabel, the mean sigmoid
+        score per label.
+        """
+        if self.scoring.smoothed:
+            return self._predict_smoothed(x, y)
+        with torch.no_grad():
+            logits = torch.stack([self.model(x) for _ in range(self.draws)])
+        self.forward_passes += self.draws * len(x)
+        preds = torch.stack([tasks.predict(lg, self.task) for lg in logits])
+        correct_draws = torch.stack([tasks.correct(p, y, self.task) for p in preds]).sum(dim=0)
+        if self.task == "multilabel":
+            vote = (preds.float().mean(dim=0) > 0.5).long()
+            return vote, correct_draws, torch.sigmoid(logits).mean(dim=0)
+        votes = torch.nn.functional.one_hot(preds, self.model.num_classes).sum(dim=0)
+        return votes.argmax(dim=1), correct_draws, None
+
+    def _predict_smoothed(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """The smoothed classifier's decision: PREDICT with n=1000, alpha=0.001 at the model's sigma;
+        an abstention (prediction -1) counts as wrong."""
+        classes = predict(self.model, x, float(self.model.sigma), n=PREDICT_N, alpha=PREDICT_ALPHA)
+        self.forward_passes += self.score_passes * len(x)
+        pred = torch.tensor([-1 if c is None else c for c in classes], device=y.device)
+        return pred, (pred == y).long(), None
+
+    def _rows(self, examples: list[int], y: torch.Tensor, pred: torch.Tensor, correct_draws: torch.Tensor,
+              scores: torch.Tensor | None, norms: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        rows = []
+        for k, ex in enumerate(examples):
+            row: dict[str, Any] = {"example_index": ex, "correct": int(correct_draws[k]) == self.draws,
+                                   "draws": self.draws, "correct_draws": int(correct_draws[k]),
+                                   "perturbation_norm": float(norms[k]) if norms is not None else None}
+            if scores is not None:
+                row.update(label=None, prediction=None,
+                           multilabel={"y": y[k].tolist(), "pred": pred[k].tolist(), "score": scores[k].tolist()})
+            else:
+                row.update(label=int(y[k]), prediction=int(pred[k]))
+            rows.append(row)
+        return rows
+
+    def clean(self) -> set[int]:
+        """Clean predictions for every example; returns the indices classified correctly."""
+        ev = self.store.evaluation(self.run_id, 0, EvalKind.CLEAN, "clean")
+        done = self.store.done_indices(ev)
+        batches = list(_batches(self.index, self.batch_size))
+        with self.progress.task("clean", total=len(self.index)) as task:
+            for number, examples in batches:
+                todo = [e for e in examples if e not in done]
+                if todo:
+                    torch.manual_seed(_seed(self.seed, 0, number))
+                    x, y = self._tensors(todo)
+                    pred, correct_draws, scores = self.score(x, y)
+                    self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores),
+                                           forward=self.score_passes * len(x))
+                task.advance(len(examples))
+        self.store.finish_evaluation(ev)
+        return self.store.correct_indices(ev)
+
+    def certify(self, position: int, spec: CertifySpec, radii: Sequence[float] = ()) -> None:
+        """Certify every example (certified accuracy needs them all), a few examples per commit."""
+        params = spec.kwargs
+        if "radii" in CERTIFIERS.get(spec.certifier).defaults and params.get("radii") is None:
+            params = {**params, "radii": list(radii)}  # the grid a sequential certificate decides
+        certifier = CERTIFIERS.get(spec.certifier)(**params)
+        described = certifier.prepare(self.model)
+        ev = self.store.evaluation(self.run_id, position, EvalKind.CERTIFY, spec.certifier,
+                                   sigma=described.get("sigma"), params={**spec.kwargs, "certificate": described})
+        done = self.store.done_indices(ev)
+        size = max(1, min(self.batch_size, CERTIFY_BATCH))
+        with self.progress.task(spec.label, total=len(self.index)) as task:
+            for number, examples in _batches(self.index, size):
+                todo = [e for e in examples if e not in done]
+                if todo:
+                    torch.manual_seed(_seed(self.seed, position, number))
+                    x, y = self._tensors(todo)
+                    certificates = certifier.certify(self.model, x, y)
+                    rows = []
+                    for k, (ex, cert) in enumerate(zip(todo, certificates)):
+                        label = int(y[k]) if self.task != "multilabel" else None
+                        rows.append({"example_index": ex, "label": label, "prediction": cert.prediction,
+                                     "correct": (not cert.abstained) and cert.prediction == label,
+                                     "radius": cert.radius, "abstained": cert.abstained,
+                                     "samples_used": cert.samples, "count_a": cert.count_a, "bound": cert.bound,
+                                     "seconds": cert.seconds})
+                    samples = sum(c.samples for c in certificates)
+                    self.forward_passes += samples
+                    self.store.add_results(ev, rows, forward=samples)
+                task.advance(len(examples))
+        self.store.finish_evaluation(ev)
+
+    def attack(self, position: int, spec: AttackSpec, alive: set[int]) -> set[int]:
+        """Attack the still-robust examples ``alive``; returns those that survive.
+
+        Multilabel runs attack every example (per-label robust accuracy needs them all).
+        """
+        attack = ATTACKS.get(spec.attack)(**spec.kwargs)
+        ev = self.store.evaluation(self.run_id, position, EvalKind.ATTACK, spec.attack, norm=spec.threat.norm.value,
+                                   eps=spec.threat.eps, params=spec.kwargs)
+        if any(e.id == ev and e.skipped for e in self.store.evaluations(self.run_id)):
+            return alive  # recorded as not applicable to this model in an earlier session
+        done = self.store.done_indices(ev)
+        targets = list(self.index) if self.task == "multilabel" else [e for e in self.index if e in alive]
+        with self.progress.task(spec.label, total=len(targets)) as task:
+            for number, examples in _batches(targets, self.batch_size):
+                todo = [e for e in examples if e not in done]
+                if todo:
+                    torch.manual_seed(_seed(self.seed, position, number))
+                    x, y = self._tensors(todo)
+                    try:
+                        if self.frozen:
+                            with self.model.freeze_randomness():
+                                result = attack(self.model, x, y, spec.threat)
+                        else:
+                            result = attack(self.model, x, y, spec.threat)
+                    except AttackNotApplicable as exc:
+                        self.progress.log(f"{spec.label}: skipped ({exc})")
+                        self.store.skip_evaluation(ev, str(exc))
+                        return alive
+                    pred, correct_draws, scores = self.score(result.x_adv, y)
+                    norms = perturbation_norm(x, result.x_adv, spec.threat.norm)
+                    self.forward_passes += result.forward_passes
+                    self.backward_passes += result.backward_passes
+                    self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores, norms),
+                                           forward=result.forward_passes + self.score_passes * len(x),
+                                           backward=result.backward_passes)
+                task.advance(len(examples))
+        self.store.finish_evaluation(ev)
+        return alive & self.store.correct_indices(ev)
