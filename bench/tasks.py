@@ -42,9 +42,3 @@ def balancing_weights(labels: torch.Tensor, task: str, num_classes: int) -> torc
     counts = torch.bincount(labels, minlength=num_classes).float()
     weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp_min(1.0)), torch.zeros_like(counts))
     return weights
-
-
-def task_of(model: torch.nn.Module) -> str:
-    """A model's task: its ``task`` attribute (DefendedModel sets it), else multiclass."""
-    inner = getattr(model, "model", None)  # through wrappers such as PassCounter
-    return str(getattr(model, "task", None) or getattr(inner, "task", None) or "multiclass")

@@ -317,7 +317,7 @@ def test_unknown_parameter_is_refused(name: str) -> None:
     ("mifgsm", {"steps": 0}), ("mifgsm", {"step_size": -0.1}), ("cw-l2", {"c": 0}), ("cw-l2", {"steps": 1.5}),
     ("deepfool", {"overshoot": -1}), ("apgd-ce", {"n_iter": 0}), ("apgd-dlr", {"seed": -1}),
     ("apgd-t", {"n_target_classes": 0}), ("fab-t", {"eta": 0}), ("square", {"n_queries": "many"}),
-    ("square", {"rescale_schedule": "yes"}), ("autoattack", {"version": "custom"}), ("autoattack", {"n_iter": 0}),
+    ("square", {"rescale_schedule": "maybe"}), ("autoattack", {"version": "custom"}), ("autoattack", {"n_iter": 0}),
 ])
 def test_bad_parameter_values_are_refused(name: str, params: dict[str, Any]) -> None:
     if name not in NAMES:

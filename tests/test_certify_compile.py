@@ -12,7 +12,7 @@ from torch import nn
 from bench.certifiers.smoothing import Smoothing, sample_counts
 from bench.errors import BenchError
 from bench.models import compiled
-from bench.models.compiled import agree, check_policy, compiled_forward, wants_compile
+from bench.models.compiled import CompileCache, agree, check_policy, wants_compile
 
 
 class MeanLevel(nn.Module):
@@ -37,13 +37,6 @@ class SmallNet(nn.Module):
         return self.net(x)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    compiled.forget()
-    yield
-    compiled.forget()
-
-
 def test_every_sample_row_gets_its_own_example():
     # sigma 0 isolates the layout: rows are example-major, batches of 7 straddle examples
     x = torch.stack([torch.full((1, 2, 2), v) for v in (0.0, 0.25, 0.5, 0.75, 1.0, 0.5)])
@@ -53,8 +46,8 @@ def test_every_sample_row_gets_its_own_example():
 
 def test_policy_values():
     assert check_policy("auto", "x") == "auto" and check_policy("TRUE", "x") is True
-    assert check_policy(False, "x") is False
-    for bad in ("maybe", 1, None):
+    assert check_policy(False, "x") is False and check_policy(0, "x") is False  # JSON's 0/1 are false/true
+    for bad in ("maybe", 2, None):
         with pytest.raises(BenchError, match="compile must be auto, true or false"):
             check_policy(bad, "smoothing")
     with pytest.raises(BenchError, match="compile must be"):
@@ -109,7 +102,10 @@ def test_a_compiled_model_that_disagrees_is_not_used(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="bench.models.compiled"):
         counts = _counts(model, True)
     assert "disagreed with the eager model" in caplog.text
-    assert compiled_forward(model, torch.rand(256, 1, 4, 4)) is None  # remembered: not compiled again
+    cache = CompileCache()
+    assert cache.forward_for(model, torch.rand(256, 1, 4, 4)) is None
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: pytest.fail("compiled twice"))
+    assert cache.forward_for(model, torch.rand(256, 1, 4, 4)) is None  # remembered: not compiled again
     assert torch.equal(counts, _counts(model, False))
 
 

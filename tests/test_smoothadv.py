@@ -156,14 +156,14 @@ def test_rs_under_quick_is_attacked_with_smoothadv_and_scored_with_predict(tmp_p
     assert l2 and certified and certified[0.5] <= l2[-1]["accuracy"] + 1e-9  # certified <= empirical
 
     # a baseline under the same protocol shares the leaderboard, with its own (empty) certified columns
-    from bench.results.leaderboard import build_board, render_markdown
+    from bench.results.leaderboard import DEFENSE, build_board, render_markdown
 
     execute(RunConfig(defense="standard", dataset="synthetic", epochs=1, n_examples=12, protocol="quick"), store)
     board = build_board(store, "synthetic")
-    assert board.protocol == "quick@1" and {r["defense"] for r in board.rows} == {"rs", "standard"}
+    assert board.protocol == "quick@1" and {r[DEFENSE] for r in board.rows} == {"rs", "standard"}
     titles = [c.title for c in board.columns]
     assert "smoothing r=0.5" in titles and "smoothadv L2 0.5" in titles and "eot L2 0.5" in titles
-    by_defense = {r["defense"]: r for r in board.rows}
+    by_defense = {r[DEFENSE]: r for r in board.rows}
     key = next(c.key for c in board.columns if c.title == "smoothing r=0.5")
     assert by_defense["standard"].get(key) is None and by_defense["rs"][key] == pytest.approx(certified[0.5])
     assert "| standard |" in render_markdown(board)
@@ -219,7 +219,7 @@ def test_smoothadv_hparams_resolve_by_recipe_and_validate() -> None:
     cpu = defense.resolve_hparams({"eps": "64/256"}, 8, "cpu")
     assert (paper["steps"], paper["m_train"], paper["warmup"], paper["eps"]) == (10, 2, 10, 0.25)
     assert (cpu["steps"], cpu["m_train"], cpu["warmup"], cpu["eps"]) == (2, 2, 4, 0.25)
-    for bad in ({"eps": 64}, {"eps": -1}, {"steps": 1.5}, {"m_train": 0}, {"multi_noise": "yes"}, {"nope": 1}):
+    for bad in ({"eps": 64}, {"eps": -1}, {"steps": 1.5}, {"m_train": 0}, {"multi_noise": "maybe"}, {"nope": 1}):
         with pytest.raises(BenchError):
             defense.resolve_hparams(bad, 8, "cpu")
     recipe = defense.recipe("paper")

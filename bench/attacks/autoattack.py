@@ -21,8 +21,8 @@ What the adapters do around the library:
   :class:`~bench.errors.AttackNotApplicable` ("needs at least N classes (DLR loss)"), which the
   harness records as a skipped stage with that reason (``skipped_attacks`` in the JSON). ``fab-t`` has no DLR loss; with 2 classes its single target is the other class, so it
   runs. Targeted attacks use ``n_target_classes = min(9, C - 1)`` (AutoAttack's 9 would
-  otherwise exceed the classes that exist). ``C`` is the model's ``num_classes`` (looked up on
-  the model and its ``.model``), else the width of its logits.
+  otherwise exceed the classes that exist). ``C`` is the model's declared ``num_classes``
+  (:func:`bench.capabilities.capability`, through wrappers), else the width of its logits.
 """
 
 from __future__ import annotations
@@ -33,15 +33,17 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from bench.attacks.base import Attack, AttackInfo, AttackResult
-from bench.attacks.library import _non_negative, _positive_int, num_classes_of, require_single_label
+from bench.attacks.library import require_single_label
+from bench.capabilities import capability
 from bench.config import Norm, ThreatModel
-from bench.errors import AttackNotApplicable, BenchError
+from bench.errors import AttackNotApplicable
+from bench.params import Param
 from bench.registry import register_attack
 
 __all__ = ["APGDCE", "APGDDLR", "APGDT", "FABT", "AutoAttackSuite", "Square", "max_targets"]
@@ -50,6 +52,15 @@ AA_LOGGER = "auto-attack"  # the logger pyautoattack.AutoAttack writes to
 MAX_TARGETS = 9  # AutoAttack's number of target classes for apgd-t and fab-t
 # the fewest classes each AutoAttack component can run on (DLR: 3 largest logits; targeted DLR: 4)
 MIN_CLASSES = {"apgd-ce": 2, "apgd-dlr": 3, "fab": 2, "square": 2, "apgd-t": 4, "fab-t": 2}
+
+
+def _declared_classes(model: nn.Module) -> int | None:
+    """The model's declared ``num_classes`` when it is a positive integer, else ``None``."""
+    n = capability(model, "num_classes")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+SEED = Param(0, int, ge=0)  # pyautoattack's seed: fixed by default, so results are reproducible
 
 
 def max_targets(num_classes: int) -> int:
@@ -92,7 +103,7 @@ class _PyAutoAttack(Attack):
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> AttackResult:
         # checked before the contract's eps == 0 short cut, so a skip never depends on eps
         require_single_label(model, self.name)
-        declared = num_classes_of(model)
+        declared = _declared_classes(model)
         if declared is not None:
             self._check_classes(declared)
         return super().__call__(model, x, y, threat)
@@ -103,7 +114,7 @@ class _PyAutoAttack(Attack):
                              f"the model has {num_classes}")
 
     def _num_classes(self, model: nn.Module, x: torch.Tensor) -> int:
-        declared = num_classes_of(model)
+        declared = _declared_classes(model)
         if declared is not None:
             return declared
         with torch.no_grad():
@@ -129,13 +140,8 @@ class _PyAutoAttack(Attack):
 
 class _APGD(_PyAutoAttack):
     loss: ClassVar[str] = "ce"
-    defaults = {"n_iter": 100, "n_restarts": 1, "eot_iter": 1, "rho": 0.75, "seed": 0}
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        _positive_int(self.name or "apgd", self.params, "n_iter", "n_restarts", "eot_iter")
-        _non_negative(self.name or "apgd", self.params, "rho", strict=True)
-        _seed(self.name or "apgd", self.params)
+    parameters = {"n_iter": Param(100, int, ge=1), "n_restarts": Param(1, int, ge=1), "eot_iter": Param(1, int, ge=1),
+                  "rho": Param(0.75, float, gt=0), "seed": SEED}
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                  num_classes: int) -> torch.Tensor:
@@ -147,12 +153,6 @@ class _APGD(_PyAutoAttack):
                             rho=p["rho"], verbose=False, device=x.device,
                             logger=logging.getLogger(AA_LOGGER))
         return attack.perturb(x, y)
-
-
-def _seed(attack: str, params: dict[str, Any]) -> None:
-    value = params["seed"]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BenchError(f"{attack}: seed must be an integer >= 0, got {value!r}")
 
 
 @register_attack("apgd-ce")
@@ -204,17 +204,11 @@ class APGDT(_PyAutoAttack):
     """
 
     info = AttackInfo(norms=(Norm.LINF, Norm.L2), targeted=True, source="pyautoattack")
-    defaults = {"n_iter": 100, "n_restarts": 1, "n_target_classes": None, "eot_iter": 1, "rho": 0.75, "seed": 0}
+    parameters = {"n_iter": Param(100, int, ge=1), "n_restarts": Param(1, int, ge=1),
+                  "n_target_classes": Param(None, int, ge=1), "eot_iter": Param(1, int, ge=1),
+                  "rho": Param(0.75, float, gt=0), "seed": SEED}
     min_classes = 4
     loss_name = "targeted DLR loss"
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        _positive_int("apgd-t", self.params, "n_iter", "n_restarts", "eot_iter")
-        if self.params["n_target_classes"] is not None:
-            _positive_int("apgd-t", self.params, "n_target_classes")
-        _non_negative("apgd-t", self.params, "rho", strict=True)
-        _seed("apgd-t", self.params)
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                  num_classes: int) -> torch.Tensor:
@@ -245,16 +239,9 @@ class FABT(_PyAutoAttack):
     """
 
     info = AttackInfo(norms=(Norm.LINF, Norm.L2), targeted=True, source="pyautoattack")
-    defaults = {"n_iter": 100, "n_restarts": 1, "n_target_classes": None, "alpha_max": 0.1, "eta": 1.05,
-                "beta": 0.9, "seed": 0}
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        _positive_int("fab-t", self.params, "n_iter", "n_restarts")
-        if self.params["n_target_classes"] is not None:
-            _positive_int("fab-t", self.params, "n_target_classes")
-        _non_negative("fab-t", self.params, "alpha_max", "eta", "beta", strict=True)
-        _seed("fab-t", self.params)
+    parameters = {"n_iter": Param(100, int, ge=1), "n_restarts": Param(1, int, ge=1),
+                  "n_target_classes": Param(None, int, ge=1), "alpha_max": Param(0.1, float, gt=0),
+                  "eta": Param(1.05, float, gt=0), "beta": Param(0.9, float, gt=0), "seed": SEED}
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                  num_classes: int) -> torch.Tensor:
@@ -282,15 +269,8 @@ class Square(_PyAutoAttack):
     """
 
     info = AttackInfo(norms=(Norm.LINF, Norm.L2), needs_grad=False, source="pyautoattack")
-    defaults = {"n_queries": 5000, "p_init": 0.8, "n_restarts": 1, "rescale_schedule": False, "seed": 0}
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        _positive_int("square", self.params, "n_queries", "n_restarts")
-        _non_negative("square", self.params, "p_init", strict=True)
-        if not isinstance(self.params["rescale_schedule"], bool):
-            raise BenchError(f"square: rescale_schedule must be true or false, got {self.params['rescale_schedule']!r}")
-        _seed("square", self.params)
+    parameters = {"n_queries": Param(5000, int, ge=1), "p_init": Param(0.8, float, gt=0),
+                  "n_restarts": Param(1, int, ge=1), "rescale_schedule": Param(False, bool), "seed": SEED}
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                  num_classes: int) -> torch.Tensor:
@@ -333,15 +313,8 @@ class AutoAttackSuite(_PyAutoAttack):
     """
 
     info = AttackInfo(norms=(Norm.LINF, Norm.L2), source="pyautoattack")
-    defaults = {"version": "standard", "seed": 0, "n_iter": 100, "n_queries": 5000}
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        version = self.params["version"]
-        if version not in VERSIONS:
-            raise BenchError(f"autoattack: unknown version {version!r}; choose one of {', '.join(VERSIONS)}")
-        _positive_int("autoattack", self.params, "n_iter", "n_queries")
-        _seed("autoattack", self.params)
+    parameters = {"version": Param("standard", str, choices=VERSIONS), "seed": SEED, "n_iter": Param(100, int, ge=1),
+                  "n_queries": Param(5000, int, ge=1)}
 
     def attacks_run(self, num_classes: int) -> list[str]:
         """The components this suite runs on a model with ``num_classes`` classes, in order."""

@@ -19,8 +19,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.config import Norm, ThreatModel, with_defaults
+from bench.capabilities import capability
+from bench.config import Norm, ThreatModel
 from bench.errors import BenchError
+from bench.params import Param, declared_specs, defaults_of, with_defaults
 
 __all__ = ["Attack", "AttackInfo", "AttackResult", "PassCounter", "check_inputs", "project"]
 
@@ -46,12 +48,14 @@ class AttackResult:
 
 
 class PassCounter(nn.Module):
-    """Wraps a model and counts per-example forward and backward passes through it."""
+    """Wraps a model and counts per-example forward and backward passes through it.
+
+    It declares nothing itself: :func:`bench.capabilities.capability` reads the wrapped model's
+    declarations through ``.model``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.task = getattr(model, "task", "multiclass")
         self.forward_passes = 0
         self.backward_passes = 0
 
@@ -110,15 +114,24 @@ def perturbation_norm(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm) -> torch
 class Attack:
     """Base class of attack registry entries.
 
-    Hyperparameters are keyword-only constructor arguments, validated against ``defaults``.
+    Parameters are keyword-only constructor arguments, each declared once in ``parameters``
+    (default and rule, a :class:`~bench.params.Param`); ``defaults`` is derived from it. The
+    constructor checks and coerces every value (one-line :class:`BenchError` otherwise) and keeps
+    them in ``self.params``; a subclass adds cross-parameter rules after ``super().__init__``.
     """
 
     name: ClassVar[str] = ""
     info: ClassVar[AttackInfo] = AttackInfo(norms=(Norm.LINF, Norm.L2))
-    defaults: ClassVar[dict[str, Any]] = {}
+    parameters: ClassVar[dict[str, Param]] = {}
+    defaults: ClassVar[dict[str, Any]] = {}  # derived from ``parameters`` (read by the protocol routing)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.parameters = declared_specs(cls.__dict__, cls.parameters, "defaults")
+        cls.defaults = defaults_of(cls.parameters)
 
     def __init__(self, **params: Any) -> None:
-        self.params = with_defaults(self.defaults, params, "attack", self.name)
+        self.params = with_defaults(f"attack '{self.name}'", self.parameters, params)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))
@@ -140,7 +153,7 @@ class Attack:
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> AttackResult:
         from bench import tasks
 
-        task = tasks.task_of(model)
+        task = capability(model, "task")
         check_inputs(x, y, task)
         self.require_norm(threat.norm)
         y = y.long()  # torchattacks' losses need int64 labels

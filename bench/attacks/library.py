@@ -9,8 +9,7 @@ perturbation that changes the prediction and ignore ``eps``. The attack contract
 threat ball, so the accuracy reported for them is the accuracy *at eps after projection*:
 an example counts as broken only if its projected perturbation still fools the model.
 
-The helpers :func:`require_single_label` and :func:`num_classes_of` are shared with
-:mod:`bench.attacks.autoattack`.
+The helper :func:`require_single_label` is shared with :mod:`bench.attacks.autoattack`.
 """
 
 from __future__ import annotations
@@ -23,55 +22,19 @@ import torch
 from torch import nn
 
 from bench.attacks.base import Attack, AttackInfo, AttackResult
+from bench.capabilities import capability
 from bench.config import Norm, ThreatModel
-from bench.errors import AttackNotApplicable, BenchError
+from bench.errors import AttackNotApplicable
+from bench.params import Param
 from bench.registry import register_attack
 
-__all__ = ["CWL2", "FGSM", "MIFGSM", "DeepFool", "num_classes_of", "require_single_label"]
+__all__ = ["CWL2", "FGSM", "MIFGSM", "DeepFool", "require_single_label"]
 
 
 def require_single_label(model: nn.Module, attack: str) -> None:
     """Raise :class:`BenchError` for a multilabel model (these attacks need argmax labels)."""
-    from bench import tasks
-
-    task = tasks.task_of(model)
-    if task == "multilabel":
+    if capability(model, "task") == "multilabel":
         raise AttackNotApplicable(f"attack '{attack}' supports multiclass and binary models only, not multilabel ones")
-
-
-def num_classes_of(model: nn.Module) -> int | None:
-    """The model's declared ``num_classes``, looked up on the model and on its ``.model``
-    (e.g. through a :class:`~bench.attacks.base.PassCounter`); ``None`` when undeclared."""
-    for obj in (model, getattr(model, "model", None)):
-        n = getattr(obj, "num_classes", None)
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-            return n
-    return None
-
-
-def _positive_int(attack: str, params: dict[str, Any], *names: str) -> None:
-    """Check (and coerce in place) integer parameters >= 1; integral floats such as 10.0 pass."""
-    for name in names:
-        value = params[name]
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer()
-        if not ok or value < 1:
-            raise BenchError(f"{attack}: {name} must be an integer >= 1, got {value!r}")
-        params[name] = int(value)
-
-
-def _non_negative(attack: str, params: dict[str, Any], *names: str, strict: bool = False) -> None:
-    """Check (and coerce in place to float) numeric parameters >= 0 (> 0 when ``strict``);
-    ``None`` (meaning "the default rule") is left alone."""
-    for name in names:
-        value = params[name]
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BenchError(f"{attack}: {name} must be a number, got {value!r}")
-        number = float(value)
-        if number != number or number < 0 or (strict and number == 0) or number == float("inf"):
-            raise BenchError(f"{attack}: {name} must be {'> 0' if strict else '>= 0'} and finite, got {value!r}")
-        params[name] = number
 
 
 class _TorchattacksAttack(Attack):
@@ -103,7 +66,7 @@ class FGSM(_TorchattacksAttack):
     """
 
     info = AttackInfo(norms=(Norm.LINF,), stochastic=False, source="torchattacks")
-    defaults: dict[str, Any] = {}
+    parameters: dict[str, Param] = {}
 
     def _build(self, model: nn.Module, threat: ThreatModel) -> Any:
         import torchattacks
@@ -124,13 +87,8 @@ class MIFGSM(_TorchattacksAttack):
     """
 
     info = AttackInfo(norms=(Norm.LINF,), stochastic=False, source="torchattacks")
-    defaults = {"steps": 10, "decay": 1.0, "step_size": None}
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        _positive_int("mifgsm", self.params, "steps")
-        _non_negative("mifgsm", self.params, "decay")
-        _non_negative("mifgsm", self.params, "step_size", strict=True)
+    parameters = {"steps": Param(10, int, ge=1), "decay": Param(1.0, float, ge=0),
+                  "step_size": Param(None, float, gt=0)}
 
     def step_size(self, eps: float) -> float:
         given = self.params["step_size"]
@@ -158,13 +116,8 @@ class CWL2(_TorchattacksAttack):
     """
 
     info = AttackInfo(norms=(Norm.L2,), stochastic=False, source="torchattacks")
-    defaults = {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01}
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        _positive_int("cw-l2", self.params, "steps")
-        _non_negative("cw-l2", self.params, "kappa")
-        _non_negative("cw-l2", self.params, "c", "lr", strict=True)
+    parameters = {"c": Param(1.0, float, gt=0), "kappa": Param(0.0, float, ge=0), "steps": Param(50, int, ge=1),
+                  "lr": Param(0.01, float, gt=0)}
 
     def _build(self, model: nn.Module, threat: ThreatModel) -> Any:
         import torchattacks
@@ -187,12 +140,7 @@ class DeepFool(_TorchattacksAttack):
     """
 
     info = AttackInfo(norms=(Norm.L2,), stochastic=False, source="torchattacks")
-    defaults = {"steps": 50, "overshoot": 0.02}
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        _positive_int("deepfool", self.params, "steps")
-        _non_negative("deepfool", self.params, "overshoot")
+    parameters = {"steps": Param(50, int, ge=1), "overshoot": Param(0.02, float, ge=0)}
 
     def _build(self, model: nn.Module, threat: ThreatModel) -> Any:
         import torchattacks

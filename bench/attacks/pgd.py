@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from bench.attacks.base import Attack, AttackInfo, project
+from bench.capabilities import capability
 from bench.config import Norm, ThreatModel
-from bench.errors import BenchError
+from bench.params import Param
 from bench.registry import register_attack
 
 
@@ -27,14 +28,8 @@ class PGD(Attack):
     """
 
     info = AttackInfo(norms=(Norm.LINF, Norm.L2), source="torchattacks")
-    defaults = {"steps": 20, "step_size": None, "restarts": 1, "random_start": True}
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        if int(self.params["steps"]) < 1 or int(self.params["restarts"]) < 1:
-            raise BenchError("pgd: steps and restarts must be >= 1")
-        if self.params["step_size"] is not None and float(self.params["step_size"]) <= 0:
-            raise BenchError("pgd: step_size must be > 0")
+    parameters = {"steps": Param(20, int, ge=1), "step_size": Param(None, float, gt=0), "restarts": Param(1, int, ge=1),
+                  "random_start": Param(True, bool)}
 
     def step_size(self, eps: float) -> float:
         given = self.params["step_size"]
@@ -43,7 +38,7 @@ class PGD(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
         from bench import tasks
 
-        task = tasks.task_of(model)
+        task = capability(model, "task")
         steps = int(self.params["steps"])
         alpha = self.step_size(threat.eps)
         random_start = bool(self.params["random_start"])

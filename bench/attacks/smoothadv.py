@@ -24,16 +24,16 @@ declares ``smoothed_evaluation``), abstentions counting as wrong. See docs/defen
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from bench.attacks.base import Attack, AttackInfo
 from bench.attacks.pgd import pgd_loss_ascent
+from bench.capabilities import capability
 from bench.config import Norm, ThreatModel
 from bench.errors import BenchError
-from bench.models.defended import declared
+from bench.params import Param
 from bench.registry import register_attack
 
 __all__ = ["SmoothAdv", "SoftSmoothed", "smoothadv_pgd"]
@@ -53,15 +53,16 @@ class SoftSmoothed(nn.Module):
         super().__init__()
         from bench.certifiers.smoothing import input_noise_sigma
 
-        self.sigma = input_noise_sigma(model, sigma)  # 0 when the model adds the noise itself
-        if noise is not None and self.sigma == 0:
+        # 0 when the model adds the noise itself (not named sigma: that is a model declaration)
+        self.noise_sigma = input_noise_sigma(model, sigma)
+        if noise is not None and self.noise_sigma == 0:
             noise = torch.zeros_like(noise)
         self.model, self.m, self.noise = model, m, noise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(x)
         noise = self.noise if self.noise is not None else \
-            self.sigma * torch.randn((self.m, *x.shape), device=x.device, dtype=x.dtype)
+            self.noise_sigma * torch.randn((self.m, *x.shape), device=x.device, dtype=x.dtype)
         noisy = (x.unsqueeze(0) + noise).reshape(self.m * n, *x.shape[1:])
         chunk = max(n, (MAX_ROWS // max(n, 1)) * n)  # whole copies of the batch per pass
         probs = torch.cat([torch.softmax(self.model(noisy[i:i + chunk]), dim=1)
@@ -80,20 +81,11 @@ class SmoothAdv(Attack):
     """
 
     info = AttackInfo(norms=(Norm.L2, Norm.LINF), stochastic=True, source="bench")
-    defaults = {"m": 32, "steps": 20, "step_size": None, "resample": False, "sigma": None}
-
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        if int(self.params["m"]) < 1 or int(self.params["steps"]) < 1:
-            raise BenchError("smoothadv: m and steps must be >= 1")
-        if self.params["step_size"] is not None and not float(self.params["step_size"]) > 0:
-            raise BenchError("smoothadv: step_size must be > 0")
-        if self.params["sigma"] is not None and not (math.isfinite(float(self.params["sigma"]))
-                                                     and float(self.params["sigma"]) > 0):
-            raise BenchError("smoothadv: sigma must be a finite number > 0")
+    parameters = {"m": Param(32, int, ge=1), "steps": Param(20, int, ge=1), "step_size": Param(None, float, gt=0),
+                  "resample": Param(False, bool), "sigma": Param(None, float, gt=0)}
 
     def sigma_of(self, model: nn.Module) -> float:
-        sigma = self.params["sigma"] if self.params["sigma"] is not None else declared(model, "sigma")
+        sigma = self.params["sigma"] if self.params["sigma"] is not None else capability(model, "sigma")
         if sigma is None:
             raise BenchError("smoothadv: the model declares no sigma (not a smoothing defense); "
                              "give one with --attack-param sigma=0.25")

@@ -31,30 +31,35 @@ import torch
 from torch import nn
 
 from bench.attacks.base import Attack, AttackInfo
+from bench.capabilities import capability, shares_randomness, wrapped
 from bench.config import Norm, ThreatModel
 from bench.errors import BenchError
-from bench.models.defended import declared, shares_randomness
+from bench.params import Param
 from bench.registry import ATTACKS, register_attack
 
 __all__ = ["BPDA", "EOT", "ExpectationModel", "straight_through"]
 
+INNER = Param("pgd", str)  # the wrapped attack's registry name
+INNER_PARAMS = Param(None, dict)  # its parameters, checked by the wrapped attack's own specs
+
 
 def _inner(name: str, params: dict[str, Any] | None) -> Attack:
-    if not isinstance(params, (dict, type(None))):
-        raise BenchError("params must be a mapping of the inner attack's parameters")
+    """The wrapped attack, built (so its own specs check ``params``)."""
     return ATTACKS.get(name)(**(params or {}))
 
 
 class ExpectationModel(nn.Module):
-    """The expected prediction of a randomized model over ``draws`` fresh draws per call."""
+    """The expected prediction of a randomized model over ``draws`` fresh draws per call.
+
+    It declares nothing itself: :func:`bench.capabilities.capability` reads the wrapped model's
+    declarations (``task``, ``num_classes``, ...) through ``.model``."""
 
     def __init__(self, model: nn.Module, draws: int, chunk: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.draws = draws
         self.chunk = chunk or draws
-        self.task = getattr(model, "task", "multiclass")
-        self.num_classes = getattr(model, "num_classes", None)
+        self.multilabel = capability(model, "task") == "multilabel"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(x)
@@ -64,7 +69,7 @@ class ExpectationModel(nn.Module):
             logits = self.model(x.repeat(k, *([1] * (x.ndim - 1))))  # k draws of the batch in one pass
             outs.append(logits.view(k, n, -1))
         logits = torch.cat(outs)
-        if self.task == "multilabel":
+        if self.multilabel:
             p = torch.sigmoid(logits).mean(dim=0).clamp(1e-12, 1 - 1e-12)
             return torch.log(p) - torch.log1p(-p)
         return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - torch.log(torch.tensor(float(self.draws)))
@@ -81,22 +86,18 @@ class EOT(Attack):
     """
 
     info = AttackInfo(norms=(Norm.LINF, Norm.L2), stochastic=True, source="bench")
-    defaults = {"attack": "pgd", "params": None, "draws": 20, "chunk": None}
+    parameters = {"attack": INNER, "params": INNER_PARAMS, "draws": Param(20, int, ge=1), "chunk": Param(None, int, ge=1)}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        if int(self.params["draws"]) < 1:
-            raise BenchError("eot: draws (K) must be >= 1")
-        if self.params["chunk"] is not None and int(self.params["chunk"]) < 1:
-            raise BenchError("eot: chunk must be >= 1")
-        self.inner = _inner(str(self.params["attack"]), self.params["params"])
+        self.inner = _inner(self.params["attack"], self.params["params"])
         if not self.inner.info.needs_grad:
             raise BenchError(f"eot wraps gradient attacks; '{self.params['attack']}' needs no gradients")
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
         chunk = int(self.params["chunk"]) if self.params["chunk"] is not None else None
         draws = int(self.params["draws"])
-        if not declared(model, "randomized", False):
+        if not capability(model, "randomized"):
             draws = 1  # the expectation of a deterministic model is its prediction: K copies add nothing
         elif shares_randomness(model):
             chunk = 1  # one draw per pass is shared by the batch: K copies in one pass would be one draw
@@ -125,10 +126,10 @@ def bpda_applied(model: nn.Module) -> Iterator[int]:
 
     Yields the number of replaced components (0 when the model declares none).
     """
-    target = getattr(model, "model", model)  # through PassCounter / ExpectationModel wrappers
-    while not hasattr(target, "bpda_surrogates") and hasattr(target, "model"):
-        target = target.model
-    surrogates = target.bpda_surrogates() if hasattr(target, "bpda_surrogates") else {}
+    # the first module through the wrappers (PassCounter, ExpectationModel, ...) that declares them
+    target = next((m for m in wrapped(model) if hasattr(m, "bpda_surrogates")), model)
+    declared = getattr(target, "bpda_surrogates", None)
+    surrogates = declared() if callable(declared) else {}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for name, surrogate in surrogates.items():
@@ -153,11 +154,11 @@ class BPDA(Attack):
     """
 
     info = AttackInfo(norms=(Norm.LINF, Norm.L2), stochastic=True, source="bench")
-    defaults = {"attack": "pgd", "params": None}
+    parameters = {"attack": INNER, "params": INNER_PARAMS}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        self.inner = _inner(str(self.params["attack"]), self.params["params"])
+        self.inner = _inner(self.params["attack"], self.params["params"])
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
         with bpda_applied(model):

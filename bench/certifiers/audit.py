@@ -54,7 +54,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from bench.capabilities import capability
 from bench.results.checks import CheckResult
+from bench.results.types import AttackRow, RunSummary, ThreatRow
 from bench.progress import Progress
 
 if TYPE_CHECKING:
@@ -190,7 +192,7 @@ def lipschitz_check(model: nn.Module, x: torch.Tensor, indices: Sequence[int], s
     """``lipschitz_audit`` on the examples ``x`` (None when the model declares no bound)."""
     from bench.certifiers.lipschitz_audit import lipschitz_lower_bound
 
-    bound = getattr(model, "lipschitz_bound", None)
+    bound = capability(model, "lipschitz_bound")
     if bound is None:
         return None
     declared = float(bound)
@@ -224,7 +226,7 @@ def _attack_stage(model: nn.Module, x: torch.Tensor, position_of: dict[int, int]
     from bench.certifiers.stats import clopper_pearson_interval
 
     certifier = str(info.get("certifier") or "?")
-    randomized = bool(info.get("randomized", getattr(model, "randomized", False)))
+    randomized = bool(info.get("randomized", capability(model, "randomized")))
     head = f"stage {position} {certifier}"
     if certifier == "lipschitz" and randomized:
         return False, f"{head}: not audited by attack (randomized Lipschitz certificate)"
@@ -256,7 +258,7 @@ def _attack_stage(model: nn.Module, x: torch.Tensor, position_of: dict[int, int]
         if violations:
             text += f"; the prediction changes within the certified radius at example indices {_indices_text(violations)}"
         return bool(violations), text
-    sigma = info.get("sigma", getattr(model, "sigma", None))
+    sigma = info.get("sigma", capability(model, "sigma"))
     if sigma is None:
         return False, f"{head}: not audited (no sigma recorded for the certificate)"
     sigma, alpha = float(sigma), float(info.get("alpha", 0.001))
@@ -346,7 +348,7 @@ def audit_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            if getattr(model, "lipschitz_bound", None) is not None:
+            if capability(model, "lipschitz_bound") is not None:
                 with progress.task("audit: Lipschitz bound", total=1) as task:
                     check = lipschitz_check(model, x[:max_examples].to(device), indices[:max_examples], seed)
                     task.advance(1)
@@ -367,7 +369,7 @@ def _same_eps(a: float, b: float) -> bool:
     return abs(a - b) <= EPS_RTOL * max(abs(a), abs(b))
 
 
-def consistency(summary: dict[str, Any], randomized: bool) -> CheckResult:
+def consistency(summary: RunSummary, randomized: bool) -> CheckResult:
     """``certified_vs_empirical``: certified accuracy at radius r must not exceed empirical L2
     robust accuracy at eps = r on the same examples -- compared only where both numbers are
     about the same classifier.
@@ -393,40 +395,64 @@ def consistency(summary: dict[str, Any], randomized: bool) -> CheckResult:
     detail says so.
     """
     blocks = {int(b["position"]): b for b in summary.get("certificate") or [] if b.get("position") is not None}
-    threats = [t for t in summary.get("threat_models") or [] if t.get("norm") == "L2" and t.get("eps") is not None
-               and t.get("robust_accuracy") is not None]
-    smoothadv_stages = []
-    seen: set[tuple[str, float]] = set()
-    for attack in summary.get("attacks") or []:
-        key = (attack.get("norm"), attack.get("eps"))
-        if attack.get("name") == "smoothadv" and key not in seen and attack.get("norm") == "L2" \
-                and attack.get("accuracy") is not None:
-            smoothadv_stages.append(attack)
-            continue  # a cascade of only smoothadv stages stays comparable
-        seen.add(key)
+    l2 = _l2_robust(summary.get("threat_models") or [])
+    smoothadv = _leading_smoothadv(summary.get("attacks") or [])
     compared, problems, skipped = 0, [], set()
     for entry in summary.get("certified") or []:
         certifier, r, acc = entry.get("certifier"), float(entry.get("radius") or 0.0), entry.get("accuracy")
         if acc is None:
             continue
-        block = blocks.get(int(entry.get("position") or -1), {})
-        if certifier == "lipschitz":
-            if bool(block.get("randomized", randomized)):
-                skipped.add("randomized lipschitz certificates (argmax E[clipped logits], not attacked)")
-                continue
-            empirical = [(f"L2 robust accuracy (all L2 attacks) at eps {t['eps']:.6g}", float(t["robust_accuracy"]))
-                         for t in threats if _same_eps(float(t["eps"]), r)]
-        elif certifier == "smoothing":
-            empirical = [(f"smoothadv at eps {a['eps']:.6g}", float(a["accuracy"]))
-                         for a in smoothadv_stages if _same_eps(float(a["eps"]), r)]
-        else:
-            skipped.add(f"certifier {certifier}")
-            continue
+        block = blocks.get(int(entry.get("position") or -1))
+        declared_randomized = bool(block.get("randomized", randomized) if block else randomized)
+        empirical, reason = _comparable(certifier, r, declared_randomized, l2, smoothadv)
+        if reason:
+            skipped.add(reason)
         for label, value in empirical:
             compared += 1
             if acc > value + ACCURACY_TOL:
                 problems.append(f"{certifier} (stage {entry.get('position')}) certifies {100 * acc:.2f}% at radius "
                                 f"{r:.6g} but {label} is {100 * value:.2f}%")
+    return _consistency_result(compared, problems, skipped)
+
+
+def _l2_robust(threats: Sequence[ThreatRow]) -> list[tuple[float, float]]:
+    """(eps, robust accuracy) of the run's L2 threat models (every L2 attack at that eps)."""
+    return [(t["eps"], accuracy) for t in threats if t.get("norm") == "L2" and t.get("eps") is not None
+            and (accuracy := t.get("robust_accuracy")) is not None]
+
+
+def _leading_smoothadv(attacks: Sequence[AttackRow]) -> list[tuple[float, float]]:
+    """(eps, accuracy) of the L2 ``smoothadv`` stages that no other attack precedes in their
+    threat model's cascade (a cascade of only smoothadv stages stays comparable)."""
+    out: list[tuple[float, float]] = []
+    seen: set[tuple[str, float]] = set()
+    for attack in attacks:
+        key = (attack.get("norm"), attack.get("eps"))
+        accuracy = attack.get("accuracy")
+        if attack.get("name") == "smoothadv" and key not in seen and attack.get("norm") == "L2" \
+                and accuracy is not None:
+            out.append((attack["eps"], accuracy))
+            continue
+        seen.add(key)
+    return out
+
+
+def _comparable(certifier: str, radius: float, randomized: bool, l2: list[tuple[float, float]],
+                smoothadv: list[tuple[float, float]]) -> tuple[list[tuple[str, float]], str | None]:
+    """The empirical numbers (label, accuracy) about the classifier a ``certifier`` certificate
+    certifies at ``radius``, or why none are compared (see :func:`consistency`)."""
+    if certifier == "lipschitz":
+        if randomized:
+            return [], "randomized lipschitz certificates (argmax E[clipped logits], not attacked)"
+        return [(f"L2 robust accuracy (all L2 attacks) at eps {eps:.6g}", float(accuracy))
+                for eps, accuracy in l2 if _same_eps(float(eps), radius)], None
+    if certifier == "smoothing":
+        return [(f"smoothadv at eps {eps:.6g}", float(accuracy))
+                for eps, accuracy in smoothadv if _same_eps(float(eps), radius)], None
+    return [], f"certifier {certifier}"
+
+
+def _consistency_result(compared: int, problems: list[str], skipped: set[str]) -> CheckResult:
     note = f" (not compared: {', '.join(sorted(skipped))})" if skipped else ""
     if problems:
         return CheckResult("certified_vs_empirical", True,

@@ -6,24 +6,26 @@ does not change, with the guarantee its class docstring states. The harness stor
 certificate (``example_results``: prediction, abstained, radius, samples_used, count_a, bound,
 seconds) and computes certified accuracy per radius from them.
 
-Subclasses set ``info`` and ``defaults`` and implement :meth:`Certifier.prepare` (resolve what the
+Subclasses set ``info`` and ``parameters`` (:class:`~bench.params.Param` specs) and implement :meth:`Certifier.prepare` (resolve what the
 certificate needs from the model, e.g. sigma or the Lipschitz bound, and refuse models that
 cannot be certified) and :meth:`Certifier.certify`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from bench.config import with_defaults
+from bench.capabilities import capability
 from bench.errors import BenchError
+from bench.params import Param, declared_specs, defaults_of, with_defaults
 
-__all__ = ["Certificate", "Certifier", "CertifierInfo", "check_alpha", "check_positive_int"]
+__all__ = ["ALPHA", "Certificate", "Certifier", "CertifierInfo"]
+
+ALPHA = Param(0.001, float, gt=0, lt=1)  # the failure probability of a statistical certificate
 
 
 @dataclass(frozen=True)
@@ -49,32 +51,27 @@ class Certificate:
         return self.prediction is None
 
 
-def check_alpha(alpha: Any, who: str) -> float:
-    value = float(alpha)
-    if not 0.0 < value < 1.0 or math.isnan(value):
-        raise BenchError(f"{who}: alpha must lie in (0, 1), got {alpha}")
-    return value
-
-
-def check_positive_int(value: Any, name: str, who: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise BenchError(f"{who}: {name} must be an integer >= 1, got {value!r}") from None
-    if number < 1 or number != value:
-        raise BenchError(f"{who}: {name} must be an integer >= 1, got {value!r}")
-    return number
-
-
 class Certifier:
-    """Base class of certifier registry entries; parameters are validated against ``defaults``."""
+    """Base class of certifier registry entries.
+
+    Each parameter is declared once in ``parameters`` (default and rule, a
+    :class:`~bench.params.Param`); ``defaults`` is derived from it. The constructor checks and
+    coerces every value into ``self.params``, then calls :meth:`validate` for rules that relate
+    several parameters.
+    """
 
     name: ClassVar[str] = ""
     info: ClassVar[CertifierInfo] = CertifierInfo()
-    defaults: ClassVar[dict[str, Any]] = {}
+    parameters: ClassVar[dict[str, Param]] = {}
+    defaults: ClassVar[dict[str, Any]] = {}  # derived from ``parameters`` (read by the protocol routing)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.parameters = declared_specs(cls.__dict__, cls.parameters, "defaults")
+        cls.defaults = defaults_of(cls.parameters)
 
     def __init__(self, **params: Any) -> None:
-        self.params = with_defaults(self.defaults, params, "certifier", self.name)
+        self.params = with_defaults(f"certifier '{self.name}'", self.parameters, params)
         self.validate()
 
     def __repr__(self) -> str:
@@ -82,11 +79,12 @@ class Certifier:
         return f"{type(self).__name__}({args})"
 
     def validate(self) -> None:
-        """Raise :class:`BenchError` for invalid parameters (before any work)."""
+        """Raise :class:`BenchError` for parameters that break a rule relating several of them (each
+        value alone is already checked by its spec); called by the constructor, before any work."""
 
     def require_single_label(self, model: nn.Module) -> None:
         """The certificates are about argmax predictions: multilabel models cannot be certified."""
-        if getattr(model, "task", "multiclass") == "multilabel":
+        if capability(model, "task") == "multilabel":
             raise BenchError(f"{self.name}: certification is defined for single-label classifiers (argmax of the "
                              "logits); this model is multilabel")
 

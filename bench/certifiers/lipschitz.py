@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.certifiers.base import Certificate, Certifier, CertifierInfo, check_alpha, check_positive_int
+from bench.capabilities import capability
+from bench.certifiers.base import ALPHA, Certificate, Certifier, CertifierInfo
 from bench.certifiers.stats import empirical_bernstein_radius, hoeffding_radius
 from bench.errors import BenchError
+from bench.params import Param
 from bench.registry import register_certifier
 
 __all__ = ["Lipschitz", "declared_bound"]
@@ -32,8 +34,8 @@ DEFAULT_CLIP = 10.0  # B when neither --certify-param clip nor the model's logit
 
 def declared_bound(model: nn.Module) -> tuple[float, str]:
     """The model's guaranteed L2 Lipschitz bound of its logit map and how it is guaranteed."""
-    bound = getattr(model, "lipschitz_bound", None)
-    guarantee = getattr(model, "lipschitz_guarantee", None)
+    bound = capability(model, "lipschitz_bound")
+    guarantee = capability(model, "lipschitz_guarantee")
     if bound is None:
         raise BenchError(f"lipschitz: {type(model).__name__} declares no guaranteed Lipschitz bound "
                          "(lipschitz_bound); only models with a proven bound can be certified this way")
@@ -65,24 +67,19 @@ class Lipschitz(Certifier):
     """
 
     info = CertifierInfo(norm="L2", statistical=False, summary="margin / (sqrt(2) L) from a guaranteed bound L")
-    defaults = {"n": 1000, "alpha": 0.001, "clip": None, "bound": "bernstein"}
+    parameters = {"n": Param(1000, int, ge=1), "alpha": ALPHA, "clip": Param(None, float, gt=0),
+                  "bound": Param("bernstein", str, choices=("hoeffding", "bernstein"))}
 
     def validate(self) -> None:
         p = self.params
-        check_positive_int(p["n"], "n", "lipschitz")
-        check_alpha(p["alpha"], "lipschitz")
-        if p["clip"] is not None and not float(p["clip"]) > 0:
-            raise BenchError(f"lipschitz: clip must be > 0, got {p['clip']}")
-        if p["bound"] not in ("hoeffding", "bernstein"):
-            raise BenchError(f"lipschitz: bound must be hoeffding or bernstein, got {p['bound']!r}")
-        if p["bound"] == "bernstein" and int(p["n"]) < 2:
+        if p["bound"] == "bernstein" and p["n"] < 2:
             raise BenchError("lipschitz: the Bernstein bound needs n >= 2")
 
     def prepare(self, model: nn.Module) -> dict[str, Any]:
         self.require_single_label(model)
         self.lipschitz, guarantee = declared_bound(model)
-        self.randomized = bool(getattr(model, "randomized", False))
-        clip = self.params["clip"] if self.params["clip"] is not None else getattr(model, "logit_clip", None)
+        self.randomized = bool(capability(model, "randomized"))
+        clip = self.params["clip"] if self.params["clip"] is not None else capability(model, "logit_clip")
         self.clip = float(clip) if clip is not None else DEFAULT_CLIP
         out: dict[str, Any] = {"certifier": "lipschitz", "L": self.lipschitz, "guarantee": guarantee,
                                "randomized": self.randomized}

@@ -58,6 +58,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from bench.capabilities import capability
+
 __all__ = ["LipschitzEstimate", "lipschitz_lower_bound"]
 
 _ROUNDING = 8.0  # pair-ratio rounding allowance, in units of eps * (||f(a)|| + ||f(b)||)
@@ -91,7 +93,7 @@ def lipschitz_lower_bound(model: nn.Module, x: torch.Tensor, *, power_iters: int
         raise ValueError("x must be a floating-point tensor of shape (N, ...)")
     if power_iters < 0 or pair_steps < 0:
         raise ValueError("power_iters and pair_steps must be non-negative")
-    randomized = bool(randomized or getattr(model, "randomized", False))
+    randomized = bool(randomized or capability(model, "randomized"))
     freeze: _Freeze = contextlib.nullcontext
     if randomized:
         freeze_randomness = getattr(model, "freeze_randomness", None)

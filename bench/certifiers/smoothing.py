@@ -21,15 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.certifiers.base import Certificate, Certifier, CertifierInfo, check_alpha, check_positive_int
+from bench.capabilities import capability, shares_randomness
+from bench.certifiers.base import ALPHA, Certificate, Certifier, CertifierInfo
 from bench.certifiers.stats import (BetaBinomialConfidenceSequence, binomial_pvalue, clopper_pearson_lower,
                                     cs_lower_bound, smoothing_radius)
 from bench.errors import BenchError
-from bench.models.compiled import check_policy, compiled_forward, wants_compile
-from bench.models.defended import declared, shares_randomness
+from bench.models.compiled import COMPILE, CompileCache, wants_compile
+from bench.params import Param
 from bench.registry import register_certifier
 
 __all__ = ["Smoothing", "auto_batch", "certify_counts", "input_noise_sigma", "predict", "sample_counts"]
+
+SIGMA = Param(None, float, gt=0)  # the smoothing noise level; default: the model's declared sigma
 
 
 def auto_batch(x: torch.Tensor) -> int:
@@ -46,11 +49,11 @@ def auto_batch(x: torch.Tensor) -> int:
 def input_noise_sigma(model: nn.Module, sigma: float) -> float:
     """The std of the Gaussian noise a sampler must add to the input: ``sigma``, or 0 for a model
     that declares ``adds_smoothing_noise`` (it draws fresh smoothing noise at every pass itself)."""
-    return 0.0 if declared(model, "adds_smoothing_noise", False) else sigma
+    return 0.0 if capability(model, "adds_smoothing_noise") else sigma
 
 
 def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, batch: int | None = None,
-                  amp: bool = False, compile: bool | str = "auto") -> torch.Tensor:
+                  amp: bool = False, compile: bool | str = "auto", cache: CompileCache | None = None) -> torch.Tensor:
     """Votes of the base classifier under ``num`` Gaussian samples per example: an (N, K) tensor.
 
     Samples of several examples share a forward pass (rows are laid out example by example), so
@@ -62,10 +65,12 @@ def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, bat
     ``compile`` (``auto``, True, False) runs a deterministic model through ``torch.compile``
     (:mod:`bench.models.compiled`; ``auto``: on a CPU, for calls of at least 200,000 samples); the
     noise is drawn eagerly either way, from the same generator, and votes are counted the same way.
+    ``cache`` keeps the compiled model across calls (the certifier owns one); without it a call
+    compiles for itself.
     """
     sigma = input_noise_sigma(model, sigma)
     n_examples = len(x)
-    num_classes = int(getattr(model, "num_classes", 0)) or None
+    num_classes = int(capability(model, "num_classes") or 0) or None
     use_amp = amp and x.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
     counts: torch.Tensor | None = None
@@ -84,7 +89,7 @@ def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, bat
             fast = None
             batch = batch or auto_batch(x)
             if not use_amp and wants_compile(model, x.device, total, compile):
-                fast = compiled_forward(model, _probe(x, batch, sigma))
+                fast = (cache or CompileCache()).forward_for(model, _probe(x, batch, sigma))
             layout = torch.channels_last if x.device.type == "cuda" and x.ndim == 4 else torch.contiguous_format
             width = batch if fast is not None else min(batch, total)  # the compiled model has a fixed batch size
             buffer = torch.zeros((width, *x.shape[1:]), device=x.device, dtype=x.dtype).contiguous(memory_format=layout)
@@ -193,36 +198,32 @@ class Smoothing(Certifier):
     """
 
     info = CertifierInfo(norm="L2", statistical=True, summary="Cohen et al. CERTIFY (Clopper-Pearson)")
-    defaults = {"sigma": None, "n0": 100, "n": 100_000, "alpha": 0.001, "batch": None, "sequential": False,
-                "radii": None, "amp": False, "compile": "auto"}
+    parameters = {"sigma": SIGMA, "n0": Param(100, int, ge=1), "n": Param(100_000, int, ge=1), "alpha": ALPHA,
+                  "batch": Param(None, int, ge=1), "sequential": Param(False, bool),
+                  "radii": Param(None, list, item=Param(0.0, float, ge=0)), "amp": Param(False, bool),
+                  "compile": COMPILE}
 
-    def validate(self) -> None:
-        p = self.params
-        check_positive_int(p["n0"], "n0", "smoothing")
-        check_positive_int(p["n"], "n", "smoothing")
-        check_alpha(p["alpha"], "smoothing")
-        if p["batch"] is not None:
-            check_positive_int(p["batch"], "batch", "smoothing")
-        if p["sigma"] is not None:
-            _check_sigma(p["sigma"])
-        p["compile"] = check_policy(p["compile"], "smoothing")
-        if p["radii"] is not None and any(float(r) < 0 for r in p["radii"]):
-            raise BenchError("smoothing: radii must be >= 0")
+    @property
+    def compile_cache(self) -> CompileCache:
+        """This certifier's compiled model, kept across its sampling calls."""
+        if "_compile_cache" not in self.__dict__:
+            self._compile_cache = CompileCache()
+        return self._compile_cache
 
     def prepare(self, model: nn.Module) -> dict[str, Any]:
         self.require_single_label(model)
-        if declared(model, "adds_smoothing_noise", False):
-            own, given = declared(model, "sigma"), self.params["sigma"]
+        if capability(model, "adds_smoothing_noise"):
+            own, given = capability(model, "sigma"), self.params["sigma"]
             if own is None:
                 raise BenchError("smoothing: the model adds its own smoothing noise but declares no sigma")
             if given is not None and not math.isclose(float(given), float(own), rel_tol=1e-9, abs_tol=0.0):
                 raise BenchError(f"smoothing: this model adds its own smoothing noise at sigma {float(own):g}; "
                                  f"--sigma {float(given):g} cannot change it (build the model with that sigma)")
-        sigma = self.params["sigma"] if self.params["sigma"] is not None else getattr(model, "sigma", None)
+        sigma = self.params["sigma"] if self.params["sigma"] is not None else capability(model, "sigma")
         if sigma is None:
             raise BenchError("smoothing: the model declares no sigma (it was not trained with Gaussian noise); "
                              "give one with --sigma")
-        self.sigma = _check_sigma(sigma)
+        self.sigma = SIGMA.check(f"certifier '{self.name}'", "sigma", sigma)  # the model's may be anything
         return {"certifier": "smoothing", "sigma": self.sigma, "n0": int(self.params["n0"]),
                 "n": int(self.params["n"]), "alpha": float(self.params["alpha"]),
                 "sequential": bool(self.params["sequential"]), "amp": bool(self.params["amp"])}
@@ -233,11 +234,13 @@ class Smoothing(Certifier):
         p = self.params
         started = time.perf_counter()
         batch = int(p["batch"]) if p["batch"] else None
-        selection = sample_counts(model, x, int(p["n0"]), self.sigma, batch, bool(p["amp"]), p["compile"])
+        selection = sample_counts(model, x, int(p["n0"]), self.sigma, batch, bool(p["amp"]), p["compile"],
+                                  self.compile_cache)
         if p["sequential"]:
             results = self._sequential(model, x, selection, batch)
         else:
-            estimation = sample_counts(model, x, int(p["n"]), self.sigma, batch, bool(p["amp"]), p["compile"])
+            estimation = sample_counts(model, x, int(p["n"]), self.sigma, batch, bool(p["amp"]), p["compile"],
+                                       self.compile_cache)
             results = [(c, r, n_a, b, int(p["n"])) for c, r, n_a, b in
                        certify_counts(selection, estimation, float(p["alpha"]), self.sigma)]
         seconds = (time.perf_counter() - started) / max(len(x), 1)
@@ -262,7 +265,8 @@ class Smoothing(Certifier):
         active = list(range(len(x)))
         step = min(1000, n_max)
         while active:
-            counts = sample_counts(model, x[active], step, self.sigma, batch, bool(p["amp"]), p["compile"])
+            counts = sample_counts(model, x[active], step, self.sigma, batch, bool(p["amp"]), p["compile"],
+                                   self.compile_cache)
             still = []
             for row, i in zip(counts, active):
                 cs = sequences[i]
@@ -296,11 +300,3 @@ def _phi(z: float) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def _check_sigma(sigma: Any) -> float:
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError):
-        raise BenchError(f"smoothing: sigma must be a number > 0, got {sigma!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise BenchError(f"smoothing: sigma must be > 0, got {sigma}")
-    return value

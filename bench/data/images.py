@@ -11,7 +11,6 @@ and modification time would not be noticed; delete the cache folder after such s
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 from bench.config import stable_hash
 from bench.errors import BenchError
-from bench.paths import cache_subdir
+from bench.paths import atomic_write, cache_subdir
 
 __all__ = ["ImageList", "decode_image", "decode_images", "load_cached"]
 
@@ -121,12 +120,5 @@ def load_cached(name: str, build: Callable[[], np.ndarray]) -> Any:
         except (RuntimeError, OSError, EOFError, ValueError):
             pass  # unreadable cache entry: rebuild it below
     images = torch.from_numpy(build())
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"name": name, "images": images}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save({"name": name, "images": images}, tmp))
     return images

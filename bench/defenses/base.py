@@ -6,6 +6,8 @@ A defense is a registry entry (``@register_defense("name")``) subclassing :class
   the authors' evaluation protocol);
 * ``recipes``: training recipes by name, at least ``paper`` (paper-scale defaults) and
   ``cpu`` (a small preset chosen automatically when no GPU is present);
+* ``parameters``: the hyperparameters, each a :class:`~bench.params.Param` (default and rule);
+  ``hparams``, the defaults, is derived from it;
 * ``build(spec, image_size, **hparams) -> DefendedModel``;
 * ``fit(model, train, recipe, device=..., ...)``: trains the model in place;
 * ``load_state_dict(model, state)``: adapts checkpoint formats (official releases) if needed.
@@ -17,9 +19,11 @@ configuration, and return a stored result, without loading torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from bench.errors import BenchError
+from bench.params import Param, check_params, declared_specs, defaults_of
 from bench.training.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -31,8 +35,7 @@ if TYPE_CHECKING:
     from bench.training.loop import TrainSummary
     from bench.models.defended import DefendedModel
 
-__all__ = ["Defense", "DefenseInfo", "Recipe", "number_param"]
-
+__all__ = ["Defense", "DefenseInfo", "Recipe"]
 
 
 @dataclass(frozen=True)
@@ -59,17 +62,28 @@ class Defense:
     name: ClassVar[str] = ""
     info: ClassVar[DefenseInfo]
     recipes: ClassVar[dict[str, Recipe]] = {}
-    hparams: ClassVar[dict[str, Any]] = {"arch": "auto"}
+    parameters: ClassVar[dict[str, Param]] = {"arch": Param("auto", str)}
+    hparams: ClassVar[dict[str, Any]] = {"arch": "auto"}  # derived from ``parameters``: the defaults
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.parameters = declared_specs(cls.__dict__, cls.parameters, "hparams")
+        cls.hparams = defaults_of(cls.parameters)
+
+    def check_hparams(self, given: Mapping[str, Any], *, ignore_unknown: bool = False) -> dict[str, Any]:
+        """The defaults with ``given`` over them, every value checked and coerced by its spec in
+        ``parameters`` (a one-line :class:`BenchError` otherwise). An unknown name is refused, or
+        with ``ignore_unknown`` dropped (``build`` accepts what older versions stored)."""
+        if ignore_unknown:
+            given = {k: v for k, v in given.items() if k in self.parameters}
+        return check_params(f"defense '{self.name}'", self.parameters, {**self.hparams, **given},
+                            noun="hyperparameter")
 
     def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
-        """Defaults filled in and ``arch="auto"`` resolved, so stored rows name the real architecture."""
-        unknown = sorted(set(given) - set(self.hparams))
-        if unknown:
-            raise BenchError(
-                f"unknown hyperparameter(s) {', '.join(unknown)} for defense '{self.name}'; "
-                f"known: {', '.join(sorted(self.hparams)) or '(none)'}"
-            )
-        resolved = {**self.hparams, **given}
+        """Defaults filled in, every value checked by its spec, and ``arch="auto"`` resolved, so
+        stored rows name the real architecture. The one home of a defense's hyperparameter checks:
+        overrides add what the specs cannot say (rules relating several values, ``auto``)."""
+        resolved = self.check_hparams(given)
         if "arch" in resolved:
             from bench.models.names import resolve_arch
 
@@ -104,20 +118,3 @@ class Defense:
     def load_state_dict(self, model: DefendedModel, state: dict[str, Any]) -> None:
         """Load a state dict into ``model``; override to adapt an official checkpoint layout."""
         model.load_state_dict(state, strict=True)
-
-
-def number_param(owner: str, name: str, value: Any, *, low: float, inclusive: bool) -> float:
-    """``value`` as a finite float above ``low`` (or equal to it when ``inclusive``), else a
-    one-line :class:`BenchError` naming ``owner`` (the defense) and the parameter."""
-    import math
-
-    relation = ">=" if inclusive else ">"
-    if isinstance(value, bool):
-        raise BenchError(f"{owner}: {name} must be a number {relation} {low:g}, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise BenchError(f"{owner}: {name} must be a number {relation} {low:g}, got {value!r}") from None
-    if not math.isfinite(number) or number < low or (number == low and not inclusive):
-        raise BenchError(f"{owner}: {name} must be a finite number {relation} {low:g}, got {value!r}")
-    return number

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench.defenses.base import Defense, DefenseInfo, Recipe
 from bench.errors import BenchError
+from bench.params import Param
 from bench.registry import register_defense
 
 if TYPE_CHECKING:
@@ -56,36 +57,17 @@ VALIDATION_CAP = 1000  # validation examples scored per epoch for model selectio
 STEP_FRACTION = 0.25  # the paper's step 2/255 at eps 8/255, kept as a fraction of each dataset's eps
 
 
-def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BenchError(f"dcs: {name} must be an integer, got {value!r}")
-    return value
-
-
-def check_hparams(hparams: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
-    """Validated hyperparameters with ``arch="auto"`` resolved (one-line :class:`BenchError` otherwise)."""
-    out = dict(hparams)
-    arch = str(out.get("arch", "auto")).strip().lower()
-    if arch == "auto":
-        arch = "small" if image_size <= 16 or recipe == "cpu" else "resnet18"
-    if arch not in ARCHS:
-        raise BenchError(f"dcs: unknown arch '{out.get('arch')}'; known: auto, {', '.join(ARCHS)}")
-    out["arch"] = arch
-    out["masked_conv"] = _int("masked_conv", out.get("masked_conv", 2))
-    if out["masked_conv"] not in (2, 3):
-        raise BenchError(f"dcs: masked_conv must be 2 (the official code) or 3 (the paper's text), "
-                         f"got {out['masked_conv']!r}")
-    k = _int("kernel_size", out.get("kernel_size", 5))
-    n = _int("taps", out.get("taps", 2))
-    if k < 1 or k % 2 == 0:
+def _resolved(checked: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
+    """Hyperparameters already checked by their specs, with ``arch="auto"`` resolved and the rules
+    that relate two of them applied (one-line :class:`BenchError` otherwise)."""
+    out = dict(checked)
+    if out["arch"] == "auto":
+        out["arch"] = "small" if image_size <= 16 or recipe == "cpu" else "resnet18"
+    k, n = out["kernel_size"], out["taps"]
+    if k % 2 == 0:
         raise BenchError(f"dcs: kernel_size must be odd and >= 1, got {k}")
-    if n < 1 or 2 * n > k * k:
+    if 2 * n > k * k:
         raise BenchError(f"dcs: taps must satisfy 1 <= taps <= kernel_size**2 / 2 (non-repeated draws), got {n}")
-    out["kernel_size"], out["taps"] = k, n
-    layout = str(out.get("wrn_layout", "official"))
-    if layout not in WRN_LAYOUT_NAMES:
-        raise BenchError(f"dcs: unknown wrn_layout '{layout}'; known: {', '.join(WRN_LAYOUT_NAMES)}")
-    out["wrn_layout"] = layout
     return out
 
 
@@ -216,19 +198,18 @@ class DCS(Defense):
                        url="https://github.com/theSleepyPig/Deformable_Convolution_with_Stochasticity",
                        summary="random k x k conv masks with n taps (fresh per forward pass), GSAT training")
     recipes = {"paper": _PAPER, "cpu": _CPU}
-    hparams = {"arch": "auto", "masked_conv": 2, "kernel_size": 5, "taps": 2, "wrn_layout": "official"}
+    # masked_conv: 2 (the official code) or 3 (the paper's text); arch and wrn_layout in any case
+    parameters = {"arch": Param("auto", str, choices=("auto", *ARCHS)), "masked_conv": Param(2, int, choices=(2, 3)),
+                  "kernel_size": Param(5, int, ge=1), "taps": Param(2, int, ge=1),
+                  "wrn_layout": Param("official", str, choices=WRN_LAYOUT_NAMES)}
 
     def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
-        unknown = sorted(set(given) - set(self.hparams))
-        if unknown:
-            raise BenchError(f"unknown hyperparameter(s) {', '.join(unknown)} for defense '{self.name}'; "
-                             f"known: {', '.join(sorted(self.hparams))}")
-        return check_hparams({**self.hparams, **given}, image_size, recipe)
+        return _resolved(self.check_hparams(given), image_size, recipe)
 
     def build(self, spec: DatasetSpec, image_size: int, **hparams: Any) -> DefendedModel:
         from bench.models.dcs import DCSModel, SmallDCSNet, dcs_resnet18, dcs_wide_resnet
 
-        h = check_hparams({**self.hparams, **hparams}, image_size)
+        h = _resolved(self.check_hparams(hparams, ignore_unknown=True), image_size)
         mask = {"masked_conv": h["masked_conv"], "kernel_size": h["kernel_size"], "taps": h["taps"]}
         if h["arch"] == "resnet18":
             net = dcs_resnet18(spec.channels, spec.num_classes, **mask)

@@ -37,8 +37,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe, number_param
+from bench.capabilities import capability
+from bench.defenses.base import Defense, DefenseInfo, Recipe
 from bench.errors import BenchError, CheckpointError
+from bench.params import Param, check_params
 from bench.registry import register_defense
 
 if TYPE_CHECKING:
@@ -69,26 +71,15 @@ _CPU = Recipe(epochs=20, batch_size=64, optimizer="adam", lr=1e-3, momentum=0.0,
               extra=(("ddpm_batch_size", 128), ("ddpm_lr", 2e-3), ("ddpm_steps", 500)))
 
 TRAIN_ON = ("denoised", "clean")
-
-
-def _number(name: str, value: Any, *, low: float, inclusive: bool) -> float:
-    return number_param("dds", name, value, low=low, inclusive=inclusive)
-
-
-def _integer(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < low:
-        raise BenchError(f"dds: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-        return value.lower() in ("true", "yes", "1")
-    raise BenchError(f"dds: {name} must be true or false, got {value!r}")
+PARAMETERS = {
+    "arch": Param("auto", str), "sigma": Param(0.25, float, gt=0), "denoiser": Param("train", str),
+    "denoiser_width": Param("auto", int, ge=1, literals=("auto",)), "train_on": Param("denoised", str, choices=TRAIN_ON),
+    "robust_noise": Param(False, bool), "robust_steps": Param(2, int, ge=1), "robust_step_size": Param(0.1, float, gt=0),
+    "robust_eps_max": Param(None, float, gt=0),
+}
+# the recipe's DDPM settings (``Recipe.extra``), checked by the same mechanism
+DDPM_OPTIONS = {"ddpm_steps": Param(500, int, ge=1), "ddpm_batch_size": Param(128, int, ge=1),
+                "ddpm_lr": Param(2e-3, float, gt=0)}
 
 
 def _denoiser(value: Any) -> str:
@@ -109,23 +100,19 @@ def _denoiser(value: Any) -> str:
     return value
 
 
-def _denoiser_width(value: Any, image_size: int, recipe: str | None = None) -> int:
+def _denoiser_width(value: int | str, image_size: int, recipe: str | None = None) -> int:
     """``auto``: 8 channels for images up to 16 px or the ``cpu`` recipe (a 41 k-parameter UNet whose
-    one-shot denoising costs about as much as the small CNN classifier), else 32."""
+    one-shot denoising costs about as much as the small CNN classifier), else 32 (``value``
+    already checked by its spec)."""
     if value == "auto":
         return 8 if image_size <= 16 or recipe == "cpu" else 32
-    return _integer("denoiser_width", value, 1)
+    return int(value)
 
 
 def _training_options(p: dict[str, Any]) -> dict[str, Any]:
-    """The classifier-training hyperparameters of ``p``, checked (one-line BenchErrors)."""
-    if p["train_on"] not in TRAIN_ON:
-        raise BenchError(f"dds: train_on must be one of {', '.join(TRAIN_ON)}, got {p['train_on']!r}")
-    out = {"train_on": p["train_on"], "robust_noise": _flag("robust_noise", p["robust_noise"]),
-           "robust_steps": _integer("robust_steps", p["robust_steps"], 1),
-           "robust_step_size": _number("robust_step_size", p["robust_step_size"], low=0.0, inclusive=False),
-           "robust_eps_max": None if p["robust_eps_max"] is None else
-           _number("robust_eps_max", p["robust_eps_max"], low=0.0, inclusive=False)}
+    """The classifier-training hyperparameters of ``p`` (already checked by their specs), with the
+    rule that relates two of them (one-line BenchError)."""
+    out = {k: p[k] for k in ("train_on", "robust_noise", "robust_steps", "robust_step_size", "robust_eps_max")}
     if out["robust_noise"] and out["train_on"] != "denoised":
         raise BenchError("dds: robust_noise perturbs the denoiser's noise, so it needs train_on=denoised")
     return out
@@ -159,12 +146,10 @@ class DDS(Defense):
                        summary="one-shot DDPM denoising at the step matching 2 sigma, then a classifier; "
                                "randomized smoothing certificate")
     recipes = {"paper": _PAPER, "cpu": _CPU}
-    hparams = {"arch": "auto", "sigma": 0.25, "denoiser": "train", "denoiser_width": "auto", "train_on": "denoised",
-               "robust_noise": False, "robust_steps": 2, "robust_step_size": 0.1, "robust_eps_max": None}
+    parameters = PARAMETERS
 
     def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
-        r = super().resolve_hparams(given, image_size, recipe)
-        r["sigma"] = _number("sigma", r["sigma"], low=0.0, inclusive=False)
+        r = super().resolve_hparams(given, image_size, recipe)  # every value checked by its spec
         r["denoiser"] = _denoiser(r["denoiser"])
         r["denoiser_width"] = _denoiser_width(r["denoiser_width"], image_size, recipe)
         r.update(_training_options(r))
@@ -176,8 +161,7 @@ class DDS(Defense):
         from bench.models.dds import DDSModel
         from bench.models.names import resolve_arch
 
-        p = {**self.hparams, **hparams}
-        sigma = _number("sigma", p["sigma"], low=0.0, inclusive=False)
+        p = self.check_hparams(hparams, ignore_unknown=True)  # resolved values pass; a direct caller's may not
         source = _denoiser(p["denoiser"])
         if source == "train":
             unet = ddpm.tiny_unet(spec.channels, image_size, _denoiser_width(p["denoiser_width"], image_size))
@@ -194,7 +178,7 @@ class DDS(Defense):
                                  f"got {image_size}")
         net = build_backbone(resolve_arch(str(p["arch"]), image_size), spec.channels, spec.num_classes, image_size)
         model = DDSModel(net, unet, ddpm.alphas_cumprod_of(schedule), spec.mean, spec.std,
-                         spec.shape(image_size), spec.num_classes, spec.task, sigma=sigma,
+                         spec.shape(image_size), spec.num_classes, spec.task, sigma=p["sigma"],
                          prediction_type=str(schedule.get("prediction_type", "epsilon")),
                          denoiser_source=source)
         model.training_options = _training_options(p)  # read by fit()
@@ -207,7 +191,7 @@ class DDS(Defense):
         from bench.training.loop import fit
 
         progress = progress or Progress()
-        if not getattr(model, "adds_smoothing_noise", False):
+        if not capability(model, "adds_smoothing_noise"):
             raise BenchError("dds: the model is not a DDS model; build it with the dds defense")
         extra_seconds = 0.0
         if model.denoiser_source == "train":
@@ -258,7 +242,7 @@ class DDSRobust(DDS):
                        authors_protocol="certify", default_protocol="quick", smoothed=True,
                        url="https://arxiv.org/abs/2509.10913",
                        summary="DDS with the classifier trained on adversarially perturbed diffusion noise")
-    hparams = {**DDS.hparams, "robust_noise": True}
+    parameters = {**PARAMETERS, "robust_noise": Param(True, bool)}
 
 
 def fit_denoiser(model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec, device: torch.device,
@@ -280,10 +264,9 @@ def fit_denoiser(model: DefendedModel, train: Split, recipe: Recipe, *, spec: Da
     from bench.models import ddpm
 
     started = time.perf_counter()
-    options = dict(recipe.extra)
-    steps = _integer("ddpm_steps", options.get("ddpm_steps", 500), 1)
-    batch = _integer("ddpm_batch_size", options.get("ddpm_batch_size", 128), 1)
-    lr = _number("ddpm_lr", options.get("ddpm_lr", 2e-3), low=0.0, inclusive=False)
+    extra = dict(recipe.extra)
+    options = check_params("dds recipe", DDPM_OPTIONS, {k: extra.get(k, p.default) for k, p in DDPM_OPTIONS.items()})
+    steps, batch, lr = options["ddpm_steps"], options["ddpm_batch_size"], options["ddpm_lr"]
     assert train.indices is not None
     unet_config = {k: v for k, v in dict(model.denoiser.config).items() if not k.startswith("_")}
     key = stable_hash({"what": "ddpm", "version": ddpm.DDPM_VERSION, "dataset": spec.name,
@@ -318,8 +301,9 @@ def robust_noise_perturb(steps: int, step_size: float, eps_max: float | None) ->
     step) through :meth:`DDSModel.use_noise_once`; the images are returned unchanged. The
     gradient is taken with respect to eps only (the classifier's parameters get no gradient here).
     """
-    _integer("robust_steps", steps, 1)
-    _number("robust_step_size", step_size, low=0.0, inclusive=False)
+    checked = check_params("defense 'dds'", PARAMETERS, {"robust_steps": steps, "robust_step_size": step_size,
+                                                         "robust_eps_max": eps_max})
+    steps, step_size, eps_max = checked["robust_steps"], checked["robust_step_size"], checked["robust_eps_max"]
 
     def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         import torch
@@ -328,7 +312,7 @@ def robust_noise_perturb(steps: int, step_size: float, eps_max: float | None) ->
 
         eps0 = torch.randn_like(x)
         eps = eps0.clone()
-        task = tasks.task_of(model)
+        task = capability(model, "task")
         for _ in range(steps):
             eps.requires_grad_(True)
             with torch.enable_grad():

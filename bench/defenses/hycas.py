@@ -36,8 +36,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe, number_param
+from bench.capabilities import capability
+from bench.defenses.base import Defense, DefenseInfo, Recipe
 from bench.errors import BenchError
+from bench.params import Param
 from bench.registry import register_defense
 
 if TYPE_CHECKING:
@@ -62,21 +64,6 @@ _PAPER = Recipe(epochs=100, batch_size=8, optimizer="adam", lr=1e-3, momentum=0.
 # CPU preset: digits (1,347 training images) trains in well under a minute on two cores.
 _CPU = Recipe(epochs=30, batch_size=64, optimizer="adam", lr=5e-3, momentum=0.0, weight_decay=0.0,
               schedule="cosine", max_examples=40_000)
-
-def _number(name: str, value: Any, *, low: float, inclusive: bool) -> float:
-    return number_param("hycas", name, value, low=low, inclusive=inclusive)
-
-
-def check_sigma(value: Any) -> float:
-    return _number("sigma", value, low=0.0, inclusive=False)
-
-
-def _check_fraction(value: Any) -> float:
-    fraction = _number("random_fraction", value, low=0.0, inclusive=False)
-    if fraction >= 1:
-        raise BenchError(f"hycas: random_fraction must be in (0, 1), got {value!r}")
-    return fraction
-
 
 def resolve_hycas_arch(arch: str, image_size: int, recipe: str | None = None) -> str:
     """``auto``: ``hycas-small`` for images up to 16 px or the ``cpu`` recipe, else ``hycas-wide``."""
@@ -125,33 +112,25 @@ class HyCAS(Defense):
                        summary="AOL 1-Lipschitz convs + fresh random projections + noisy attention gate: "
                                "<= 2-Lipschitz by construction, Gaussian-noise training")
     recipes = {"paper": _PAPER, "cpu": _CPU}
-    hparams = {"arch": "auto", "sigma": 0.5, "margin": 0.0, "gate_noise": 0.6, "random_fraction": 0.5}
+    parameters = {"arch": Param("auto", str), "sigma": Param(0.5, float, gt=0), "margin": Param(0.0, float, ge=0),
+                  "gate_noise": Param(0.6, float, ge=0), "random_fraction": Param(0.5, float, gt=0, lt=1)}
 
     def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
-        given = dict(given)
-        arch = str(given.pop("arch", self.hparams["arch"]))
-        resolved = super().resolve_hparams(given, image_size, recipe)  # unknown names refused here
-        resolved["arch"] = resolve_hycas_arch(arch, image_size, recipe)
-        resolved["sigma"] = check_sigma(resolved["sigma"])
-        resolved["margin"] = _number("margin", resolved["margin"], low=0.0, inclusive=True)
-        resolved["gate_noise"] = _number("gate_noise", resolved["gate_noise"], low=0.0, inclusive=True)
-        resolved["random_fraction"] = _check_fraction(resolved["random_fraction"])
+        resolved = self.check_hparams(given)  # every value checked by its spec
+        resolved["arch"] = resolve_hycas_arch(resolved["arch"], image_size, recipe)
         return resolved
 
     def build(self, spec: DatasetSpec, image_size: int, **hparams: Any) -> DefendedModel:
-        p = {**self.hparams, **hparams}
-        arch = resolve_hycas_arch(str(p["arch"]), image_size)
-        sigma = check_sigma(p["sigma"])
-        margin = _number("margin", p["margin"], low=0.0, inclusive=True)
-        if margin > 0 and spec.task == "multilabel":
+        p = self.check_hparams(hparams, ignore_unknown=True)  # resolved values pass; a direct caller's may not
+        arch = resolve_hycas_arch(p["arch"], image_size)
+        if p["margin"] > 0 and spec.task == "multilabel":
             raise BenchError("hycas: the margin term needs a single-label task (argmax of the logits)")
         from bench.models.hycas import HyCASModel, build_hycas_net
 
-        net = build_hycas_net(arch, spec.channels, spec.num_classes, image_size,
-                              gate_noise=_number("gate_noise", p["gate_noise"], low=0.0, inclusive=True),
-                              random_fraction=_check_fraction(p["random_fraction"]))
+        net = build_hycas_net(arch, spec.channels, spec.num_classes, image_size, gate_noise=p["gate_noise"],
+                              random_fraction=p["random_fraction"])
         return HyCASModel(net, spec.mean, spec.shape(image_size), spec.num_classes, spec.task,
-                          sigma=sigma, margin=margin)
+                          sigma=p["sigma"], margin=p["margin"])
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
             device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
@@ -160,14 +139,13 @@ class HyCAS(Defense):
         from bench.defenses.smoothing import gaussian_noise
         from bench.training.loop import fit
 
-        sigma = getattr(model, "sigma", None)
+        sigma = capability(model, "sigma")
         if sigma is None:
             raise BenchError("hycas: the model declares no sigma; build it with the hycas defense")
-        check_sigma(sigma)
         margin = float(getattr(model, "margin", 0.0) or 0.0)
         loss_fn = None
         if margin > 0:
-            task = tasks.task_of(model)
+            task = capability(model, "task")
             weight = None
             if recipe.balances(spec):
                 weight = tasks.balancing_weights(train.labels, task, spec.num_classes).to(device)
@@ -175,6 +153,6 @@ class HyCAS(Defense):
             def base(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 return tasks.loss(logits, y, task, weight=weight)
 
-            loss_fn = margin_loss(base, float(model.lipschitz_bound or 2.0), margin)
+            loss_fn = margin_loss(base, float(capability(model, "lipschitz_bound") or 2.0), margin)
         return fit(model, train, recipe, device=device, seed=seed, progress=progress, perturb=gaussian_noise(sigma),
                    loss_fn=loss_fn, balance_classes=recipe.balances(spec), resume=resume)

@@ -20,12 +20,13 @@ eps is in pixel units. The official ``--epsilon 64`` means 64/256 = 0.25 (write 
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
+from bench.capabilities import capability
 from bench.defenses.base import DefenseInfo, Recipe
 from bench.defenses.smoothing import RandomizedSmoothing, check_sigma
 from bench.errors import BenchError
+from bench.params import Param
 from bench.registry import register_defense
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ _PAPER = Recipe(epochs=150, batch_size=256, optimizer="sgd", lr=0.1, momentum=0.
 _CPU = RandomizedSmoothing.recipes["cpu"]
 # The README example: --num-steps 10 --epsilon 64 --num-noise-vec 2 --warmup 10 --train-multi-noise
 _AUTO = {"paper": {"steps": 10, "m_train": 2, "warmup": 10}, "cpu": {"steps": 2, "m_train": 2, "warmup": 4}}
+SETTINGS = ("eps", "steps", "m_train", "warmup", "multi_noise")  # what fit() reads from model.smoothadv
 
 
 class SmoothAdvTraining:
@@ -81,21 +83,8 @@ class SmoothAdvTraining:
         return noisy.transpose(0, 1).reshape(self.m * len(x), *x.shape[1:]), y.repeat_interleave(self.m, dim=0)
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise BenchError(f"smoothadv: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _eps(value: Any) -> float:
-    from bench.config import parse_eps
-
-    try:
-        eps = parse_eps(value) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError, BenchError):
-        raise BenchError(f"smoothadv: eps must be a number or a fraction such as 64/256, got {value!r}") from None
-    if not (math.isfinite(eps) and eps > 0):
-        raise BenchError(f"smoothadv: eps must be > 0, got {value!r}")
+def _pixel_eps(eps: float) -> float:
+    """``eps`` (already checked by its spec) unless it looks like the official 1/256 units."""
     if eps > 16:
         raise BenchError(f"smoothadv: eps {eps:g} is not in pixel units; the official --epsilon {eps:g} is "
                          f"eps={eps:g}/256")
@@ -119,27 +108,27 @@ class SmoothAdvDefense(RandomizedSmoothing):
                        summary="base classifier trained on SmoothAdv-PGD examples of its smoothed classifier "
                                "(m noisy copies, fixed draws); certified like rs")
     recipes = {"paper": _PAPER, "cpu": _CPU}
-    hparams = {**RandomizedSmoothing.hparams, "eps": 0.25, "steps": "auto", "m_train": "auto", "warmup": "auto",
-               "multi_noise": True}
+    # eps accepts a fraction ("64/256"); steps, m_train and warmup are "auto" (by recipe) or integers
+    parameters = {**RandomizedSmoothing.parameters, "eps": Param(0.25, float, gt=0),
+                  "steps": Param("auto", int, ge=0, literals=("auto",)),
+                  "m_train": Param("auto", int, ge=1, literals=("auto",)),
+                  "warmup": Param("auto", int, ge=0, literals=("auto",)), "multi_noise": Param(True, bool)}
 
     def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
-        resolved = super().resolve_hparams(given, image_size, recipe)
+        resolved = super().resolve_hparams(given, image_size, recipe)  # every value checked by its spec
+        return {**resolved, **self._settings(resolved, recipe)}
+
+    def _settings(self, checked: dict[str, Any], recipe: str | None) -> dict[str, Any]:
+        """The SmoothAdv training settings of ``checked`` hyperparameters, ``auto`` resolved by recipe."""
         auto = _AUTO["cpu" if recipe == "cpu" else "paper"]
-        for name in ("steps", "m_train", "warmup"):
-            if resolved[name] == "auto":
-                resolved[name] = auto[name]
-        resolved["steps"] = _positive_int("steps", resolved["steps"], 0)
-        resolved["m_train"] = _positive_int("m_train", resolved["m_train"])
-        resolved["warmup"] = _positive_int("warmup", resolved["warmup"], 0)
-        resolved["eps"] = _eps(resolved["eps"])
-        if not isinstance(resolved["multi_noise"], bool):
-            raise BenchError(f"smoothadv: multi_noise must be true or false, got {resolved['multi_noise']!r}")
-        return resolved
+        out = {k: checked[k] for k in SETTINGS}
+        out.update({k: auto[k] for k in auto if out[k] == "auto"})
+        out["eps"] = _pixel_eps(out["eps"])
+        return out
 
     def build(self, spec: DatasetSpec, image_size: int, **hparams: Any) -> DefendedModel:
         model = super().build(spec, image_size, **{k: v for k, v in hparams.items() if k in RandomizedSmoothing.hparams})
-        defaults = self.resolve_hparams({}, image_size, "paper")
-        model.smoothadv = {k: hparams.get(k, defaults[k]) for k in ("eps", "steps", "m_train", "warmup", "multi_noise")}
+        model.smoothadv = self._settings(self.check_hparams(hparams, ignore_unknown=True), "paper")
         return model
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
@@ -148,9 +137,9 @@ class SmoothAdvDefense(RandomizedSmoothing):
         from bench.training.loop import fit
 
         settings = getattr(model, "smoothadv", None)
-        if settings is None or getattr(model, "sigma", None) is None:
+        if settings is None or capability(model, "sigma") is None:
             raise BenchError("smoothadv: build the model with the smoothadv defense (it declares sigma and eps)")
-        perturb = SmoothAdvTraining(check_sigma(model.sigma), float(settings["eps"]), int(settings["steps"]),
+        perturb = SmoothAdvTraining(check_sigma(capability(model, "sigma")), float(settings["eps"]), int(settings["steps"]),
                                     int(settings["m_train"]), int(settings["warmup"]), bool(settings["multi_noise"]))
         return fit(model, train, recipe, device=device, seed=seed, progress=progress, perturb=perturb,
                    balance_classes=recipe.balances(spec), resume=resume)

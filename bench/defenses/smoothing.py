@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bench.defenses.base import Defense, DefenseInfo, Recipe, number_param
+from bench.capabilities import capability
+from bench.defenses.base import Defense, DefenseInfo, Recipe
 from bench.errors import BenchError, CheckpointError
 from bench.models.names import ARCH_NAMES, COHEN_ARCH_NAMES, INPUT_LAYERS
+from bench.params import Param
 from bench.registry import register_defense
 
 if TYPE_CHECKING:
@@ -54,9 +56,13 @@ _CPU = Recipe(epochs=20, batch_size=64, optimizer="adam", lr=1e-3, momentum=0.0,
               schedule="cosine", max_examples=30_000)
 
 
-def check_sigma(value: Any) -> float:
-    """``value`` as a finite float > 0, else a one-line :class:`BenchError`."""
-    return number_param("rs", "sigma", value, low=0.0, inclusive=False)
+SIGMA = Param(0.25, float, gt=0)  # the Gaussian noise level, pixel space
+
+
+def check_sigma(value: Any, owner: str = "defense 'rs'") -> float:
+    """``value`` checked by the ``sigma`` spec: a finite float > 0, else a one-line :class:`BenchError`."""
+    sigma: float = SIGMA.check(owner, "sigma", value)
+    return sigma
 
 
 _INPUT_LAYER_ALIASES = {"normalize": "normalize", "normalizelayer": "normalize",
@@ -139,25 +145,25 @@ class RandomizedSmoothing(Defense):
                        summary="base classifier trained with Gaussian noise; smoothed classifier certified in L2")
     recipes = {"paper": _PAPER, "cpu": _CPU}
     # input_layer: Cohen et al. released only NormalizeLayer models; it applies to the official archs only
-    hparams = {"arch": "auto", "sigma": 0.25, "input_layer": "normalize"}
+    # sigma is a float once checked, so stored rows and cache keys do not depend on how it was written
+    parameters = {"arch": Param("auto", str), "sigma": SIGMA, "input_layer": Param("normalize", str)}
 
     def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
-        resolved = resolve_official_hparams(self, given, image_size, recipe)
-        resolved["sigma"] = check_sigma(resolved["sigma"])  # a float, so stored rows and cache keys agree
-        return resolved
+        return resolve_official_hparams(self, given, image_size, recipe)
 
     def build(self, spec: DatasetSpec, image_size: int, **hparams: Any) -> DefendedModel:
-        sigma = check_sigma(hparams.get("sigma", self.hparams["sigma"]))
-        arch = str(hparams.get("arch", self.hparams["arch"]))
+        h = self.check_hparams(hparams, ignore_unknown=True)
+        sigma, arch = h["sigma"], h["arch"]
         if arch in COHEN_ARCH_NAMES:
             from bench.models.cohen import build_cohen_model
 
-            layer = check_input_layer(hparams.get("input_layer", self.hparams["input_layer"]), self.name)
+            layer = check_input_layer(h["input_layer"], self.name)
             model = build_cohen_model(spec, image_size, arch, layer)
         else:
             model = super().build(spec, image_size, **hparams)
         model.sigma = sigma  # the noise level of the smoothed classifier, read by the certifier
-        model.smoothed_evaluation = True  # the defended classifier is g: predictions are PREDICT
+        # the defended classifier is g (predictions are PREDICT), as info.smoothed says
+        model.smoothed_evaluation = self.info.smoothed
         return model
 
     def load_state_dict(self, model: DefendedModel, state: dict[str, Any]) -> None:
@@ -181,7 +187,7 @@ class RandomizedSmoothing(Defense):
         """Train the base classifier with Gaussian noise at ``model.sigma`` (set by :meth:`build`)."""
         from bench.training.loop import fit
 
-        sigma = getattr(model, "sigma", None)
+        sigma = capability(model, "sigma")
         if sigma is None:
             raise BenchError("rs: the model declares no sigma; build it with the rs defense (hparam sigma)")
         return fit(model, train, recipe, device=device, seed=seed, progress=progress, perturb=gaussian_noise(sigma),

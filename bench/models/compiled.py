@@ -18,30 +18,26 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bench.errors import BenchError
-from bench.models.defended import declared
+from bench.capabilities import capability
+from bench.params import Param
 
 log = logging.getLogger(__name__)
 
 COMPILE_MIN_SAMPLES = 200_000  # "auto": compile for a call that draws at least this many samples
 
-# The last model compiled, with its compiled forward (None: compilation failed or disagreed). One
-# entry only: the compiled forward holds the model, so a larger cache would keep old models alive.
-_last: tuple[nn.Module, torch.device, Callable[[torch.Tensor], torch.Tensor] | None] | None = None
+COMPILE = Param("auto", bool, literals=("auto",))  # the ``compile`` parameter of a sampling certifier
 
 
 def check_policy(value: object, owner: str) -> bool | str:
-    """The ``compile`` parameter: ``auto`` (default), ``true`` or ``false``."""
-    if isinstance(value, str):
-        value = {"auto": "auto", "true": True, "false": False}.get(value.lower(), value)
-    if value is True or value is False or value == "auto":
-        return value  # type: ignore[return-value]
-    raise BenchError(f"{owner}: compile must be auto, true or false (got {value!r})")
+    """The ``compile`` parameter checked by its spec: ``"auto"``, ``True`` or ``False``; else a
+    one-line :class:`BenchError` naming ``owner``."""
+    policy: bool | str = COMPILE.check(owner, "compile", value)
+    return policy
 
 
 def compilable(model: nn.Module) -> bool:
     """Deterministic models only: a randomized model keeps its eager randomness."""
-    return not bool(declared(model, "randomized", False)) and hasattr(torch, "compile")
+    return not bool(capability(model, "randomized")) and hasattr(torch, "compile")
 
 
 def wants_compile(model: nn.Module, device: torch.device, samples: int, policy: bool | str) -> bool:
@@ -73,33 +69,42 @@ def agree(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool((got.argmax(1) == want.argmax(1))[clear].all())
 
 
-def compiled_forward(model: nn.Module, probe: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def compile_checked(model: nn.Module, probe: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``model`` compiled for inputs shaped like ``probe`` (a full batch; the batch size is fixed),
     or None where compilation failed or the result disagreed with the eager model on ``probe``.
     The parameters stay inputs of the compiled graph (no freezing), so later training or loading
     is seen by it (measured: freezing and channels-last gained nothing here on top of it)."""
-    global _last
-    if _last is not None and _last[0] is model and _last[1] == probe.device:
-        return _last[2]
-    compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
     started = time.perf_counter()
     try:
         candidate = torch.compile(model, dynamic=False)
-        got = candidate(probe)
-        want = model(probe)
-        if agree(got, want):
-            compiled = candidate
+        if agree(candidate(probe), model(probe)):
             log.info("compiled the model for sampling in %.1f s", time.perf_counter() - started)
-        else:
-            log.warning("the compiled model disagreed with the eager model on a probe batch; sampling runs eagerly")
+            return candidate
+        log.warning("the compiled model disagreed with the eager model on a probe batch; sampling runs eagerly")
     except Exception as exc:  # compilation is an optimisation: any failure falls back to eager
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         log.warning("torch.compile failed (%s: %s); sampling runs eagerly", type(exc).__name__, first)
-    _last = (model, probe.device, compiled)
-    return compiled
+    return None
 
 
-def forget() -> None:
-    """Drop the cached compiled model (tests; frees the model it holds)."""
-    global _last
-    _last = None
+class CompileCache:
+    """The last model compiled by its owner (a certifier, a benchmark), with its checked compiled
+    forward or None (compilation failed or disagreed: not tried again for that model and device).
+
+    One entry only: the compiled forward holds the model, so a larger cache would keep old models
+    alive. Owned by the object that samples, never module-global."""
+
+    def __init__(self) -> None:
+        self._last: tuple[nn.Module, torch.device, Callable[[torch.Tensor], torch.Tensor] | None] | None = None
+
+    def forward_for(self, model: nn.Module, probe: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The compiled forward of ``model`` for batches shaped like ``probe`` (see :func:`compile_checked`)."""
+        if self._last is not None and self._last[0] is model and self._last[1] == probe.device:
+            return self._last[2]
+        compiled = compile_checked(model, probe)
+        self._last = (model, probe.device, compiled)
+        return compiled
+
+    def forget(self) -> None:
+        """Drop the cached compiled model (frees the model it holds)."""
+        self._last = None

@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from bench.errors import CheckpointError
-from bench.paths import cache_subdir
+from bench.paths import atomic_write, cache_subdir
 
 FORMAT = "bench-checkpoint-1"
 
@@ -61,15 +60,7 @@ def atomic_save(path: Path, obj: Any) -> None:
     """``torch.save`` to a temporary file, then rename: ``path`` is never half-written."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(path: Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from bench.capabilities import capability
 from bench.data.base import Split
 from bench.training.recipe import Recipe
 from bench.progress import Progress
@@ -100,10 +101,10 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
     from bench import tasks
 
     progress = progress or Progress()
-    task = tasks.task_of(model)
+    task = capability(model, "task")
     weight = None
     if balance_classes:
-        weight = tasks.balancing_weights(train.labels, task, int(getattr(model, "num_classes", 0)) or
+        weight = tasks.balancing_weights(train.labels, task, int(capability(model, "num_classes") or 0) or
                                          int(train.labels.max()) + 1).to(device)
     loss_fn = loss_fn or (lambda logits, y: tasks.loss(logits, y, task, weight=weight))
     torch.manual_seed(seed)

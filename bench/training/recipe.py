@@ -73,3 +73,9 @@ class Recipe:
         out["milestones"] = list(self.milestones)
         out["extra"] = dict(self.extra)
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """The inverse of :meth:`to_dict` (as stored with a run and its model)."""
+        return cls(**{**data, "milestones": tuple(data.get("milestones", ())),
+                      "extra": tuple(sorted((data.get("extra") or {}).items()))})
