@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from bench.errors import BenchError
-from bench.results.leaderboard import (Board, board_from_summaries, latex_escape, render, render_csv, render_json,
-                                       render_latex, render_markdown)
+from bench.results.leaderboard import (DEFENSE, MODEL, ROBUST, RUN_ID, Board, ColumnKey, board_from_summaries,
+                                       latex_escape, render, render_csv, render_json, render_latex, render_markdown)
 
 GOLDEN = Path(__file__).parent / "golden"
 RENDERERS = {"md": render_markdown, "tex": render_latex, "csv": render_csv, "json": render_json}
@@ -62,12 +62,12 @@ def board() -> Board:
 
 # -- the board -------------------------------------------------------------------------------
 def test_rows_sorted_by_robust_accuracy_with_none_last(board: Board) -> None:
-    assert [r["defense"] for r in board.rows] == ["my_def&co", "standard", "pgd-at"]
-    assert [r["robust"] for r in board.rows] == [0.5, 0.08888888888888889, None]
+    assert [r[DEFENSE] for r in board.rows] == ["my_def&co", "standard", "pgd-at"]
+    assert [r[ROBUST] for r in board.rows] == [0.5, 0.08888888888888889, None]
 
 
 def test_columns(board: Board) -> None:
-    assert [(c.key, c.title, c.kind) for c in board.columns] == [
+    assert [(c.key.id, c.title, c.kind) for c in board.columns] == [
         ("defense", "Defense", "text"),
         ("model", "Model", "text"),
         ("clean", "Clean", "accuracy"),
@@ -78,7 +78,7 @@ def test_columns(board: Board) -> None:
         ("certified:smoothing@0.25", "smoothing r=0.25", "accuracy"),
         ("n", "N", "int"),
     ]
-    assert [r["model"] for r in board.rows] == ["cnn-small fedcba98", "cnn-small 01234567", "model"]
+    assert [r[MODEL] for r in board.rows] == ["cnn-small fedcba98", "cnn-small 01234567", "model"]
 
 
 def test_ties_broken_by_clean_then_name() -> None:
@@ -86,13 +86,13 @@ def test_ties_broken_by_clean_then_name() -> None:
     rows = [dict(base, run_id=i, defense=name, clean_accuracy=clean, robust_accuracy=0.5)
             for i, (name, clean) in enumerate([("b", 0.8), ("a", 0.8), ("c", 0.9)])]
     board = board_from_summaries("digits", "pgd@1", rows)
-    assert [r["defense"] for r in board.rows] == ["c", "a", "b"]
+    assert [r[DEFENSE] for r in board.rows] == ["c", "a", "b"]
 
 
 def test_zero_robust_accuracy_ranks_above_none() -> None:
     a = dict(summaries()[1], run_id=1, defense="zero", robust_accuracy=0.0)
     b = dict(summaries()[0], run_id=2, defense="none")
-    assert [r["defense"] for r in board_from_summaries("d", "p", [b, a]).rows] == ["zero", "none"]
+    assert [r[DEFENSE] for r in board_from_summaries("d", "p", [b, a]).rows] == ["zero", "none"]
 
 
 def test_empty_board_renders_headers_only() -> None:
@@ -100,6 +100,56 @@ def test_empty_board_renders_headers_only() -> None:
     assert board.rows == ()
     assert render_csv(board) == "Defense,Model,Clean,Robust (worst case),N\n"
     assert json.loads(render_json(board))["rows"] == []
+
+
+def medical_summaries() -> list[dict[str, Any]]:
+    """Two runs on an imbalanced dataset: BA twins, a repeated attack, certified and ACR columns, and
+    the marks (run 1: randomized under a non-adaptive protocol, failed certificate audit)."""
+    def attack(eps: float, accuracy: float, balanced: float) -> dict[str, Any]:
+        return {"name": "pgd", "norm": "L2", "eps": eps, "accuracy": accuracy, "balanced_accuracy": balanced}
+
+    common = {"dataset": "ham10000", "n_examples": 20, "model": None, "imbalanced": True,
+              "config": {"defense_info": {"randomized": True}}}
+    return [
+        {**common, "run_id": 1, "defense": "rs", "protocol": "pgd@1", "clean_accuracy": 0.8, "balanced_accuracy": 0.5,
+         "attacks": [attack(0.5, 0.6, 0.375), attack(0.5 + 1e-12, 0.4, 0.25)],  # the same column name twice
+         "robust_accuracy": 0.4, "robust_balanced_accuracy": 0.25,
+         "certified": [{"certifier": "smoothing", "radius": 0.25, "accuracy": 0.55}],
+         "certificate": [{"certifier": "smoothing", "average_radius": 0.1234}],
+         "checks": [{"name": "certified_vs_empirical", "triggered": True, "detail": "unsound"}]},
+        {**common, "run_id": 2, "defense": "rs", "protocol": "adaptive@1", "clean_accuracy": 0.7,
+         "balanced_accuracy": 0.6, "attacks": [attack(0.5, 0.5, 0.3)], "robust_accuracy": 0.5,
+         "robust_balanced_accuracy": 0.3, "certified": [], "certificate": [],
+         "checks": [{"name": "randomized", "triggered": True, "detail": "not an audit check"}]},
+    ]
+
+
+def test_imbalanced_board_twins_accuracy_columns_and_marks_rows() -> None:
+    board = board_from_summaries("ham10000", "p", medical_summaries())
+    assert [(c.key.id, c.title, c.kind) for c in board.columns] == [
+        ("defense", "Defense", "text"), ("model", "Model", "text"),
+        ("clean", "Clean", "accuracy"), ("clean_ba", "Clean (BA)", "accuracy"),
+        ("attack:pgd L2 0.5", "pgd L2 0.5", "accuracy"), ("attack:pgd L2 0.5:ba", "pgd L2 0.5 (BA)", "accuracy"),
+        ("attack:pgd L2 0.5#2", "pgd L2 0.5 #2", "accuracy"),
+        ("attack:pgd L2 0.5#2:ba", "pgd L2 0.5 #2 (BA)", "accuracy"),
+        ("robust", "Robust (worst case)", "accuracy"), ("robust_ba", "Robust (worst case) (BA)", "accuracy"),
+        ("certified:smoothing@0.25", "smoothing r=0.25", "accuracy"), ("acr:smoothing", "smoothing ACR", "radius"),
+        ("n", "N", "int"),
+    ]
+    first, second = board.rows
+    assert (first[DEFENSE], second[DEFENSE]) == ("rs", "rs † ‡")  # adaptive@1 is not marked; ranked by robust
+    repeat = ColumnKey("attack", "pgd", "L2", 0.5, repeat=2)
+    assert second[repeat] == 0.4 and second[repeat.twin()] == 0.25 and repeat not in first
+    assert second[ColumnKey.acr("smoothing")] == 0.1234 and second[ColumnKey.certified("smoothing", 0.25)] == 0.55
+    assert board.note.startswith("† randomized defense") and "‡ certificate audit failed" in board.note
+    assert json.loads(render_json(board))["rows"][1]["attack:pgd L2 0.5#2:ba"] == 0.25
+
+
+def test_column_keys_are_equal_when_their_names_are() -> None:
+    assert ColumnKey("attack", "pgd", "Linf", 0.1) == ColumnKey("attack", "pgd", "Linf", 0.1 + 1e-12)
+    assert len({ColumnKey("attack", "pgd", "Linf", 0.1), ColumnKey("attack", "pgd", "Linf", 8 / 255)}) == 2
+    assert ColumnKey("clean").twin().id == "clean_ba" and ColumnKey.certified("ibp", 0.5).id == "certified:ibp@0.5"
+    assert ColumnKey("attack", "pgd", "Linf", 8 / 255).title == "pgd Linf 8/255"
 
 
 # -- golden files ----------------------------------------------------------------------------
@@ -147,10 +197,10 @@ def test_all_renderers_have_the_same_rows_in_the_same_order(board: Board) -> Non
     assert len(json_rows) == len(csv_body) == len(md) == len(tex) == n == 3
     assert header == [c.title for c in board.columns] == [c["title"] for c in payload["columns"]]
     for i, row in enumerate(board.rows):
-        assert json_rows[i]["run_id"] == row["run_id"]
+        assert json_rows[i]["run_id"] == row[RUN_ID]
         for j, col in enumerate(board.columns):
             value = row.get(col.key)
-            assert json_rows[i][col.key] == value
+            assert json_rows[i][col.key.id] == value
             if col.kind == "accuracy":
                 shown = "-" if value is None else f"{100 * value:.2f}"
                 assert md[i][j] == shown

@@ -166,7 +166,7 @@ def test_randomized_defense_under_non_adaptive_protocol_is_marked(tmp_path):
     from typer.testing import CliRunner
 
     from bench.cli import app
-    from bench.results.leaderboard import build_board
+    from bench.results.leaderboard import DEFENSE, build_board
 
     db = f"sqlite:///{tmp_path / 'r.db'}"
     result = CliRunner().invoke(app, ["run", "--defense", "test-noisy", "--dataset", "synthetic", "--protocol", "pgd",
@@ -174,7 +174,7 @@ def test_randomized_defense_under_non_adaptive_protocol_is_marked(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "not adaptive" in result.stderr
     board = build_board(Store(db), "synthetic")
-    assert board.rows[0]["defense"] == "test-noisy †" and "non-adaptive" in board.note
+    assert board.rows[0][DEFENSE] == "test-noisy †" and "non-adaptive" in board.note
 
 
 def test_draws_option_sets_r_and_is_validated(tmp_path):

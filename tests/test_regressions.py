@@ -19,7 +19,7 @@ from bench.harness.checks import check_train_mode
 from bench.harness.runner import execute, resolve
 from bench.models.defended import DefendedModel
 from bench.registry import Registry
-from bench.results.leaderboard import build_board
+from bench.results.leaderboard import DEFENSE, N, ColumnKey, build_board
 from bench.results.store import Store
 
 runner = CliRunner()
@@ -54,8 +54,8 @@ def test_leaderboard_ranks_only_runs_on_the_same_examples(tmp_path):
         execute(RunConfig(**{**FAST, "defense": defense, "n_examples": 32}), store)
     execute(RunConfig(**{**FAST, "n_examples": 16}), store)  # a smaller subset must not replace a row
     board = build_board(store, "synthetic")
-    assert sorted(r["defense"] for r in board.rows) == ["pgd-at", "standard"]
-    assert all(r["n"] == 32 for r in board.rows)
+    assert sorted(r[DEFENSE] for r in board.rows) == ["pgd-at", "standard"]
+    assert all(r[N] == 32 for r in board.rows)
     assert "1 run(s) on other example subsets left out" in board.note
 
 
@@ -145,7 +145,9 @@ def test_same_attack_twice_keeps_two_leaderboard_columns():
     board = board_from_summaries("digits", "custom@1", [summary])
     titles = [c.title for c in board.columns]
     assert "pgd Linf 0.1" in titles and "pgd Linf 0.1 #2" in titles
-    assert board.rows[0]["attack:pgd Linf 0.1"] == 0.5 and board.rows[0]["attack:pgd Linf 0.1#2"] == 0.4
+    first, second = ColumnKey("attack", "pgd", "Linf", 0.1), ColumnKey("attack", "pgd", "Linf", 0.1, repeat=2)
+    assert board.rows[0][first] == 0.5 and board.rows[0][second] == 0.4
+    assert (first.id, second.id) == ("attack:pgd Linf 0.1", "attack:pgd Linf 0.1#2")  # the CSV/JSON keys
 
 
 def test_result_checks_flag_square_beating_whitebox_and_non_monotone_eps():

@@ -202,3 +202,78 @@ def test_certified_accuracy_non_increasing_in_radius(seed: int) -> None:
     accs = [c["accuracy"] for c in table]
     assert accs == sorted(accs, reverse=True)
     assert accs[0] <= sum(o.correct and not o.abstained for o in rows) / n
+
+
+# -- the run summary against its declared type (bench.results.types) ------------------------------
+SUMMARY_KEYS = ["run_id", "defense", "dataset", "protocol", "n_examples", "clean_accuracy", "attacks",
+                "robust_accuracy", "certified", "certificate", "checks", "wall_time_s", "clean_draws",
+                "pending_attacks", "skipped_attacks", "task", "imbalanced", "balanced_accuracy", "per_class_recall",
+                "robust_balanced_accuracy", "split", "status", "complete", "threat_models", "model", "forward_passes",
+                "backward_passes", "seed", "indices_hash", "config", "provenance", "created_at", "finished_at", "error",
+                "escalation"]  # the --json order
+
+
+def _conforms(record: dict, typed: type) -> None:
+    """``record`` has every required key of the TypedDict ``typed`` and no key it does not declare."""
+    keys = set(record)
+    assert typed.__required_keys__ <= keys, (typed.__name__, sorted(typed.__required_keys__ - keys))
+    declared = typed.__required_keys__ | typed.__optional_keys__
+    assert keys <= declared, (typed.__name__, sorted(keys - declared))
+
+
+def _result(i: int, correct: bool, radius: float | None = None) -> dict:
+    return {"example_index": i, "label": i % 2, "prediction": i % 2 if correct else 1 - i % 2, "correct": correct,
+            "radius": radius, "abstained": False, "samples_used": 110 if radius is not None else None, "draws": 1}
+
+
+def test_run_summary_matches_its_type_and_reads_the_stored_config(tmp_path) -> None:
+    from bench.results import types
+    from bench.results.queries import example_outcomes, run_summary
+    from bench.results.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    model_id = store.upsert_model("m", defense="standard", dataset="synthetic", source="trained",
+                                  hparams={"arch": "cnn"}, train_summary={"epochs": 1, "steps": 4, "other": 0})
+    config = {"radii": [0.0, 0.5], "split": "val",
+              "dataset_spec": {"task": "multiclass", "classes": ["a", "b"], "imbalanced": True},
+              "extra_attacks": [{"attack": "square", "norm": "Linf", "eps": 0.1, "params": {}, "position": 3,
+                                 "escalated_for": "zero_gradient"}]}
+    run_id = store.create_run("r", model_id=model_id, defense="standard", dataset="synthetic", protocol="custom",
+                              protocol_version=1, seed=0, n_examples=2, indices=[0, 1], config=config)
+    described = {"certifier": "smoothing", "sigma": 0.25, "n0": 10, "n": 100, "alpha": 0.001}
+    stages = [(EvalKind.CLEAN, "clean", {}, [_result(0, True), _result(1, True)]),
+              (EvalKind.ATTACK, "pgd", {"norm": "Linf", "eps": 0.1}, [_result(0, True), _result(1, False)]),
+              (EvalKind.CERTIFY, "smoothing", {"sigma": 0.25, "params": {"certificate": described}},
+               [_result(0, True, 0.7), _result(1, False, 0.2)]),
+              (EvalKind.ATTACK, "square", {"norm": "Linf", "eps": 0.1}, [_result(0, False)])]  # the escalated stage
+    for position, (kind, method, kw, rows) in enumerate(stages):
+        ev = store.evaluation(run_id, position, kind, method, **kw)
+        store.add_results(ev, rows)
+        store.finish_evaluation(ev)
+    store.set_check(run_id, "zero_gradient", True, "masked")
+    store.finish_run(run_id)
+
+    summary = run_summary(store, run_id)
+    assert list(summary) == SUMMARY_KEYS
+    _conforms(summary, types.RunSummary)
+    _conforms(summary["clean_draws"], types.CleanDraws)
+    for key, typed in (("attacks", types.AttackRow), ("threat_models", types.ThreatRow),
+                       ("certified", types.CertifiedRow), ("certificate", types.CertificateRow),
+                       ("checks", types.CheckRecord)):
+        assert summary[key], key
+        for record in summary[key]:
+            _conforms(record, typed)
+    assert summary["model"] is not None and summary["escalation"] is not None
+    _conforms(summary["model"], types.ModelInfo)
+    assert summary["model"]["train_summary"] == {"epochs": 1, "steps": 4}  # the short summary's keys only
+    _conforms(summary["escalation"], types.Escalation)
+    for record in example_outcomes(store, run_id):
+        _conforms(record, types.ExampleOutcome)
+
+    # runs.config is read through StoredConfig, and included verbatim
+    assert summary["config"] == config
+    assert (summary["split"], summary["task"], summary["imbalanced"]) == ("val", "multiclass", True)
+    assert [(c["radius"], c["accuracy"]) for c in summary["certified"]] == [(0.0, 0.5), (0.5, 0.5)]
+    assert summary["per_class_recall"] == {"a": 1.0, "b": 1.0}
+    assert summary["escalation"]["stages"] == [{"position": 3, "check": "zero_gradient", "name": "square"}]
+    assert (summary["escalation"]["robust_accuracy_before"], summary["robust_accuracy"]) == (0.5, 0.0)

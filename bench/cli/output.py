@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config import format_eps
+from bench.results.types import Auroc, RunSummary
 
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -25,7 +26,11 @@ def warn(message: str) -> None:
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Print ``obj`` as valid JSON: a non-finite number (only a store written before bench refused
+    them can hold one) prints as null, other non-JSON values as their ``str``."""
+    from bench.results.jsonvalues import null_non_finite
+
+    sys.stdout.write(json.dumps(null_non_finite(obj)[0], indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -33,7 +38,7 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
+def summary_table(summary: RunSummary) -> Table:
     title = (f"run {summary['run_id']} · {summary['defense']} on {summary['dataset']} · protocol "
              f"{summary['protocol']} · n={summary['n_examples']}")
     balanced = bool(summary.get("imbalanced")) and summary.get("task") != "multilabel"
@@ -47,16 +52,17 @@ def summary_table(summary: dict[str, Any]) -> Table:
     if multilabel:
         table.add_column("Macro AUROC", justify="right")
 
-    def extra(entry: dict[str, Any], ba_key: str = "balanced_accuracy") -> list[str]:
-        cells = [_pct(entry.get(ba_key))] if balanced else []
+    def extra(balanced_accuracy: float | None, auroc: Auroc | None) -> list[str]:
+        cells = [_pct(balanced_accuracy)] if balanced else []
         if multilabel:
-            cells.append(_pct((entry.get("auroc") or {}).get("macro")))
+            cells.append(_pct(auroc.get("macro") if auroc else None))
         return cells
 
-    table.add_row("clean", "-", _pct(summary["clean_accuracy"]), *extra(summary))
+    table.add_row("clean", "-", _pct(summary["clean_accuracy"]),
+                  *extra(summary.get("balanced_accuracy"), summary.get("auroc")))
     for attack in summary["attacks"]:
         table.add_row(attack["name"], f"{attack['norm']} eps={format_eps(attack['eps'])}", _pct(attack["accuracy"]),
-                      *extra(attack))
+                      *extra(attack.get("balanced_accuracy"), attack.get("auroc")))
     if summary["robust_accuracy"] is not None:
         cells = [_pct(summary.get("robust_balanced_accuracy"))] if balanced else []
         cells += ["-"] if multilabel else []
@@ -71,7 +77,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def print_summary(summary: dict[str, Any], *, stored: bool = False) -> None:
+def print_summary(summary: RunSummary, *, stored: bool = False) -> None:
     stdout.print(summary_table(summary))
     triggered = [c for c in summary["checks"] if c["triggered"]]
     for check in triggered:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.results.types import RunSummary
+
 __all__ = ["CheckResult", "result_checks"]
 
 
@@ -23,14 +25,14 @@ class CheckResult:
 WHITEBOX_GAP = 0.002  # AutoAttack's flag: Square more than 0.2 points below the best white-box result
 
 
-def check_square_beats_whitebox(summary: dict) -> CheckResult:
+def check_square_beats_whitebox(summary: RunSummary) -> CheckResult:
     """Within a threat model's cascade, a score-based attack (Square) that breaks examples the
     gradient attacks before it left robust means those gradients were uninformative."""
     worst = []
     for threat in summary.get("threat_models", []):
         stages = [a for a in summary["attacks"] if (a["norm"], a["eps"]) == (threat["norm"], threat["eps"])]
         for k, stage in enumerate(stages):
-            before = [s["accuracy"] for s in stages[:k] if s["name"] != "square"]
+            before = [a for s in stages[:k] if s["name"] != "square" and (a := s["accuracy"]) is not None]
             if stage["name"] == "square" and before and stage["accuracy"] is not None:
                 gap = min(before) - stage["accuracy"]
                 if gap > WHITEBOX_GAP:
@@ -40,7 +42,7 @@ def check_square_beats_whitebox(summary: dict) -> CheckResult:
     return CheckResult("square_beats_whitebox", bool(worst), detail)
 
 
-def check_eps_monotone(summary: dict) -> CheckResult:
+def check_eps_monotone(summary: RunSummary) -> CheckResult:
     """Robust accuracy must not increase with eps (per norm): otherwise an attack failed at large eps."""
     problems = []
     by_norm: dict[str, list[tuple[float, float]]] = {}
@@ -57,5 +59,5 @@ def check_eps_monotone(summary: dict) -> CheckResult:
     return CheckResult("eps_monotone", bool(problems), detail)
 
 
-def result_checks(summary: dict) -> list[CheckResult]:
+def result_checks(summary: RunSummary) -> list[CheckResult]:
     return [check_square_beats_whitebox(summary), check_eps_monotone(summary)]

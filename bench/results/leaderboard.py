@@ -16,24 +16,117 @@ import csv
 import io
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
-from bench.config import format_eps
+from bench.config import format_eps, is_adaptive
 from bench.errors import BenchError
 from bench.results.schema import RunStatus
 from bench.results.store import Store
+from bench.results.stored import StoredConfig
+from bench.results.types import AttackRow, RunSummary
 
-__all__ = ["Board", "Column", "board_from_summaries", "build_board", "render", "FORMATS"]
+__all__ = ["CLEAN", "DEFENSE", "FORMATS", "MODEL", "N", "ROBUST", "RUN_ID", "Board", "Column", "ColumnKey", "Row",
+           "board_from_summaries", "build_board", "render"]
 
 FORMATS = ("table", "md", "latex", "csv", "json")
+
+ColumnKind = Literal["defense", "model", "run_id", "clean", "attack", "robust", "certified", "acr", "n"]
+_FIXED_TITLES = {"defense": "Defense", "model": "Model", "run_id": "Run", "clean": "Clean",
+                 "robust": "Robust (worst case)", "n": "N"}
+
+
+@dataclass(frozen=True, eq=False)
+class ColumnKey:
+    """What a leaderboard column (and a row's value under it) holds, typed.
+
+    :attr:`id` is the key's one string form, the column key of the CSV and JSON renderings
+    (``"attack:pgd Linf 0.1"``, ``"certified:smoothing@0.25"``, ``"acr:smoothing"``, ``"clean_ba"``,
+    ...), and :attr:`title` its column title; both are derived here and nowhere else. Two keys
+    with the same ``id`` are the same column (an eps or radius that formats the same shares it).
+    """
+
+    kind: ColumnKind
+    method: str = ""  # the attack (attack) or the certifier (certified, acr)
+    norm: str | None = None
+    eps: float | None = None
+    repeat: int = 1  # the n-th stage with the same attack, norm and eps in one run
+    radius: float | None = None
+    balanced: bool = False  # the balanced-accuracy twin of an accuracy column
+
+    @classmethod
+    def attack(cls, attack: AttackRow, repeat: int = 1) -> ColumnKey:
+        return cls("attack", attack["name"], attack["norm"], attack["eps"], repeat=repeat)
+
+    @classmethod
+    def certified(cls, certifier: str, radius: float) -> ColumnKey:
+        return cls("certified", certifier, radius=radius)
+
+    @classmethod
+    def acr(cls, certifier: str) -> ColumnKey:
+        return cls("acr", certifier)
+
+    def twin(self) -> ColumnKey:
+        """The balanced-accuracy "(BA)" column of this accuracy column."""
+        return replace(self, balanced=True)
+
+    @property
+    def id(self) -> str:
+        if self.kind == "attack":
+            return f"attack:{self._attack_label('#')}" + (":ba" if self.balanced else "")
+        if self.kind == "certified":
+            return f"certified:{self.method}@{self.radius:g}"
+        if self.kind == "acr":
+            return f"acr:{self.method}"
+        return self.kind + ("_ba" if self.balanced else "")
+
+    @property
+    def title(self) -> str:
+        if self.kind == "attack":
+            title = self._attack_label(" #")
+        elif self.kind == "certified":
+            title = f"{self.method} r={self.radius:g}"
+        elif self.kind == "acr":
+            title = f"{self.method} ACR"
+        else:
+            title = _FIXED_TITLES[self.kind]
+        return title + (" (BA)" if self.balanced else "")
+
+    def _attack_label(self, repeat_mark: str) -> str:
+        assert self.eps is not None  # attack columns always have an eps
+        label = f"{self.method} {self.norm} {format_eps(self.eps)}"
+        return label + (f"{repeat_mark}{self.repeat}" if self.repeat > 1 else "")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ColumnKey) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+DEFENSE, MODEL, RUN_ID = ColumnKey("defense"), ColumnKey("model"), ColumnKey("run_id")
+CLEAN, ROBUST, N = ColumnKey("clean"), ColumnKey("robust"), ColumnKey("n")
+
+Row = dict[ColumnKey, Any]  # a board row: column key -> value (plus RUN_ID, which is not a column)
 
 
 @dataclass(frozen=True)
 class Column:
-    key: str
-    title: str
-    kind: str  # text | accuracy | int | radius
+    """A board column; its title and kind (text | accuracy | int | radius) follow from its key."""
+
+    key: ColumnKey
+
+    @property
+    def title(self) -> str:
+        return self.key.title
+
+    @property
+    def kind(self) -> str:
+        if self.key.kind in ("defense", "model"):
+            return "text"
+        if self.key.kind in ("n", "run_id"):
+            return "int"
+        return "radius" if self.key.kind == "acr" else "accuracy"
 
 
 @dataclass(frozen=True)
@@ -41,102 +134,94 @@ class Board:
     dataset: str
     protocol: str
     columns: tuple[Column, ...]
-    rows: tuple[dict[str, Any], ...]
+    rows: tuple[Row, ...]
     note: str = ""  # e.g. which evaluation subset was chosen and what was left out
 
 
-def _attack_key(attack: dict[str, Any]) -> tuple[str, str]:
-    label = f"{attack['name']} {attack['norm']} {format_eps(attack['eps'])}"
-    return f"attack:{label}", label
-
-
-def _model_label(summary: dict[str, Any]) -> str:
-    model = summary.get("model") or {}
-    arch = (model.get("hparams") or {}).get("arch") or "model"
-    sha = model.get("checkpoint_sha256") or ""
+def _model_label(summary: RunSummary) -> str:
+    model = summary.get("model")
+    arch = ((model.get("hparams") if model else None) or {}).get("arch") or "model"
+    sha = (model.get("checkpoint_sha256") if model else None) or ""
     return f"{arch} {sha[:8]}".strip()
 
 
-def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[dict[str, Any]]) -> Board:
-    """Build a board from run summaries (one per model; the caller picks which run)."""
-    rows: list[dict[str, Any]] = []
-    attack_cols: dict[str, str] = {}
-    radius_cols: dict[str, str] = {}
+def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[RunSummary]) -> Board:
+    """Build a board from run summaries (one per model; the caller picks which run).
+
+    Rows are ranked by robust accuracy (None last), then clean accuracy, defense and run id.
+    Columns appear in the order the summaries first show them; on an imbalanced dataset every
+    accuracy column except the certified ones has its "(BA)" twin."""
+    rows: list[Row] = []
     imbalanced = False
     non_adaptive = unsound = 0
     for summary in summaries:
-        balanced = bool(summary.get("imbalanced"))
-        imbalanced |= balanced
+        imbalanced |= bool(summary.get("imbalanced"))
         mark = ""
         if _randomized_non_adaptive(summary):
             mark, non_adaptive = " †", non_adaptive + 1
         if _unsound_certificate(summary):
             mark, unsound = mark + " ‡", unsound + 1
-        row: dict[str, Any] = {
-            "defense": summary["defense"] + mark,
-            "model": _model_label(summary),
-            "run_id": summary["run_id"],
-            "clean": summary["clean_accuracy"],
-        }
-        if balanced:
-            row["clean_ba"] = summary.get("balanced_accuracy")
-        seen: dict[str, int] = {}
-        for attack in summary["attacks"]:
-            key, label = _attack_key(attack)
-            seen[key] = seen.get(key, 0) + 1
-            if seen[key] > 1:  # the same attack twice in one cascade: keep both columns
-                key, label = f"{key}#{seen[key]}", f"{label} #{seen[key]}"
-            attack_cols.setdefault(key, label)
-            row[key] = attack["accuracy"]
-            if balanced:
-                row[key + ":ba"] = attack.get("balanced_accuracy")
-        row["robust"] = summary["robust_accuracy"]
-        if balanced:
-            row["robust_ba"] = summary.get("robust_balanced_accuracy")
-        for cert in summary.get("certified", []):
-            key = f"certified:{cert['certifier']}@{cert['radius']:g}"
-            radius_cols.setdefault(key, f"{cert['certifier']} r={cert['radius']:g}")
-            row[key] = cert["accuracy"]
-        for block in summary.get("certificate", []):
-            key = f"acr:{block['certifier']}"
-            radius_cols.setdefault(key, f"{block['certifier']} ACR")
-            row[key] = block.get("average_radius")
-        row["n"] = summary["n_examples"]
-        rows.append(row)
-    rows.sort(key=lambda r: (r.get("robust") is None, -(r.get("robust") or 0.0), -(r.get("clean") or 0.0),
-                             r["defense"], r["run_id"]))
-    def with_ba(key: str, title: str) -> list[Column]:
-        """The accuracy column, followed by its balanced-accuracy twin on imbalanced datasets."""
-        cols = [Column(key, title, "accuracy")]
-        if imbalanced:
-            ba_key = {"clean": "clean_ba", "robust": "robust_ba"}.get(key, key + ":ba")
-            cols.append(Column(ba_key, f"{title} (BA)", "accuracy"))
-        return cols
-
-    columns = (Column("defense", "Defense", "text"), Column("model", "Model", "text"),
-               *with_ba("clean", "Clean"),
-               *(c for k, t in attack_cols.items() for c in with_ba(k, t)),
-               *with_ba("robust", "Robust (worst case)"),
-               *(Column(k, t, "radius" if k.startswith("acr:") else "accuracy") for k, t in radius_cols.items()),
-               Column("n", "N", "int"))
+        rows.append(_row(summary, mark))
+    columns = _columns(rows, imbalanced)
+    rows.sort(key=lambda r: (r.get(ROBUST) is None, -(r.get(ROBUST) or 0.0), -(r.get(CLEAN) or 0.0),
+                             r[DEFENSE], r[RUN_ID]))
     notes = [("† randomized defense evaluated with a non-adaptive protocol: its robust accuracy is likely "
               "overestimated") if non_adaptive else "",
              "‡ certificate audit failed (bench audit): its certified accuracy is not trustworthy" if unsound else ""]
     return Board(dataset, protocol, columns, tuple(rows), "; ".join(filter(None, notes)))
 
 
+def _row(summary: RunSummary, mark: str) -> Row:
+    """One summary's row; the "(BA)" values only when its dataset is imbalanced."""
+    balanced = bool(summary.get("imbalanced"))
+    row: Row = {DEFENSE: summary["defense"] + mark, MODEL: _model_label(summary), RUN_ID: summary["run_id"],
+                CLEAN: summary["clean_accuracy"]}
+    if balanced:
+        row[CLEAN.twin()] = summary.get("balanced_accuracy")
+    seen: dict[ColumnKey, int] = {}
+    for attack in summary["attacks"]:
+        key = ColumnKey.attack(attack)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:  # the same attack twice in one cascade: keep both columns
+            key = ColumnKey.attack(attack, repeat=seen[key])
+        row[key] = attack["accuracy"]
+        if balanced:
+            row[key.twin()] = attack.get("balanced_accuracy")
+    row[ROBUST] = summary["robust_accuracy"]
+    if balanced:
+        row[ROBUST.twin()] = summary.get("robust_balanced_accuracy")
+    for cert in summary.get("certified", []):
+        row[ColumnKey.certified(cert["certifier"], cert["radius"])] = cert["accuracy"]
+    for block in summary.get("certificate", []):
+        row[ColumnKey.acr(block["certifier"])] = block.get("average_radius")
+    row[N] = summary["n_examples"]
+    return row
+
+
+def _columns(rows: Iterable[Row], imbalanced: bool) -> tuple[Column, ...]:
+    """The board's columns; ``rows`` in the order of their summaries (first appearance wins)."""
+    attacks = dict.fromkeys(k for row in rows for k in row if k.kind == "attack" and not k.balanced)
+    radii = dict.fromkeys(k for row in rows for k in row if k.kind in ("certified", "acr"))
+
+    def with_ba(key: ColumnKey) -> list[Column]:
+        """The accuracy column, followed by its balanced-accuracy twin on imbalanced datasets."""
+        return [Column(key), Column(key.twin())] if imbalanced else [Column(key)]
+
+    return (Column(DEFENSE), Column(MODEL), *with_ba(CLEAN), *(c for k in attacks for c in with_ba(k)),
+            *with_ba(ROBUST), *(Column(k) for k in radii), Column(N))
+
+
 UNSOUND_CHECKS = ("lipschitz_audit", "certificate_attack", "certified_vs_empirical")
 
 
-def _unsound_certificate(summary: dict[str, Any]) -> bool:
+def _unsound_certificate(summary: RunSummary) -> bool:
     return any(c["triggered"] for c in summary.get("checks", []) if c["name"] in UNSOUND_CHECKS)
 
 
-def _randomized_non_adaptive(summary: dict[str, Any]) -> bool:
-    from bench.config import is_adaptive
-
-    info = (summary.get("config") or {}).get("defense_info") or {}
-    return bool(info.get("randomized")) and not is_adaptive(str(summary.get("protocol", "")).split("@")[0])
+def _randomized_non_adaptive(summary: RunSummary) -> bool:
+    """A defense that declared itself randomized, evaluated under a protocol that is not adaptive."""
+    randomized = StoredConfig.from_json(summary.get("config")).randomized
+    return randomized and not is_adaptive(str(summary.get("protocol", "")).split("@")[0])
 
 
 def build_board(store: Store, dataset: str, protocol: str | None = None) -> Board:
@@ -242,8 +327,9 @@ def render_json(board: Board) -> str:
         "dataset": board.dataset,
         "protocol": board.protocol,
         **({"note": board.note} if board.note else {}),
-        "columns": [{"key": c.key, "title": c.title, "kind": c.kind} for c in board.columns],
-        "rows": [{c.key: row.get(c.key) for c in board.columns} | {"run_id": row.get("run_id")} for row in board.rows],
+        "columns": [{"key": c.key.id, "title": c.title, "kind": c.kind} for c in board.columns],
+        "rows": [{c.key.id: row.get(c.key) for c in board.columns} | {RUN_ID.id: row.get(RUN_ID)}
+                 for row in board.rows],
     }
     return json.dumps(payload, indent=2) + "\n"
 

@@ -8,12 +8,13 @@ backend, which it selects itself, so importing this module never touches matplot
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bench.errors import BenchError
+from bench.results.types import RunSummary, ThreatRow
 
 __all__ = ["FORMATS", "STEP_WHERE", "Curve", "curves", "draw"]
 
@@ -22,7 +23,7 @@ FORMATS = ("png", "svg")
 # How the certified curve joins its grid points. Only the values at the grid radii are known.
 # Certified accuracy at r counts radii >= r: non-increasing and left-continuous. Between two grid
 # radii only the bounds acc(r_{i+1}) <= acc(r) <= acc(r_i) are known; "pre" draws the lower one.
-STEP_WHERE = "pre"
+STEP_WHERE: Literal["pre", "post", "mid"] = "pre"
 
 _LINESTYLES = ("-", "--", ":", "-.")
 
@@ -45,15 +46,16 @@ class Curve:
     dataset: str = ""
 
 
-def _stage_of(entry: dict[str, Any]) -> Any:
-    """What tells two stages of the same certifier apart, when the summary says it."""
+def _stage_of(entry: Mapping[str, Any]) -> Any:
+    """What tells two stages of the same certifier apart, when the entry says it: a ``stage`` key
+    (entries from other producers), else the summary's ``position``."""
     for key in ("stage", "position"):
         if entry.get(key) is not None:
             return entry[key]
     return None
 
 
-def _certified_groups(entries: Iterable[dict[str, Any]]) -> dict[tuple[str, Any], list[tuple[float, float]]]:
+def _certified_groups(entries: Iterable[Mapping[str, Any]]) -> dict[tuple[str, Any], list[tuple[float, float]]]:
     """(certifier, stage) -> [(radius, accuracy)], in the summary's order.
 
     Without a stage key, two stages of one certifier are told apart by the summary's layout
@@ -61,7 +63,7 @@ def _certified_groups(entries: Iterable[dict[str, Any]]) -> dict[tuple[str, Any]
     already has starts its next group, numbered 1, 2, ...
     """
     groups: dict[tuple[str, Any], list[tuple[float, float]]] = {}
-    seen: dict[str, tuple[int, set[float]]] = {}  # certifier -> (current group number, its radii)
+    seen: dict[str, tuple[int, set[float | None]]] = {}  # certifier -> (current group number, its radii)
     for entry in entries:
         certifier, stage = str(entry["certifier"]), _stage_of(entry)
         radius = entry.get("radius")
@@ -78,7 +80,17 @@ def _certified_groups(entries: Iterable[dict[str, Any]]) -> dict[tuple[str, Any]
     return {k: v for k, v in groups.items() if v}
 
 
-def _run_curves(summary: dict[str, Any]) -> list[Curve]:
+def _l2_points(threats: Iterable[ThreatRow]) -> tuple[tuple[float, float], ...]:
+    """(eps, robust accuracy) of the L2 threat models that have both, sorted by eps."""
+    points = []
+    for t in threats:
+        accuracy = t.get("robust_accuracy")
+        if str(t.get("norm", "")).upper() == "L2" and t.get("eps") is not None and accuracy is not None:
+            points.append((float(t["eps"]), float(accuracy)))
+    return tuple(sorted(points))
+
+
+def _run_curves(summary: RunSummary) -> list[Curve]:
     run_id = summary["run_id"]
     name = f"run {run_id}: {summary.get('defense', '?')}"
     dataset = str(summary.get("dataset") or "")
@@ -86,10 +98,7 @@ def _run_curves(summary: dict[str, Any]) -> list[Curve]:
     certifier_count: dict[str, int] = {}
     for certifier, _ in groups:
         certifier_count[certifier] = certifier_count.get(certifier, 0) + 1
-    empirical = tuple(sorted(
-        (float(t["eps"]), float(t["robust_accuracy"])) for t in summary.get("threat_models") or []
-        if str(t.get("norm", "")).upper() == "L2" and t.get("eps") is not None and t.get("robust_accuracy") is not None
-    ))
+    empirical = _l2_points(summary.get("threat_models") or [])
     empirical_label = f"{name} (L2 attacks)" if empirical else ""
     out: list[Curve] = []
     for (certifier, stage), points in groups.items():
@@ -107,7 +116,7 @@ def _run_curves(summary: dict[str, Any]) -> list[Curve]:
     return out
 
 
-def curves(summaries: Sequence[dict[str, Any]]) -> list[Curve]:
+def curves(summaries: Sequence[RunSummary]) -> list[Curve]:
     """The curves of the given run summaries, in order: per run, one per (certifier, stage).
 
     Raises :class:`BenchError` for a run with neither certified results nor L2 robust accuracy.

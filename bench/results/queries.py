@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, cast
 
 from bench.errors import BenchError
-from bench.results.schema import RunRow, RunStatus
+from bench.results.schema import ModelRow, RunRow, RunStatus
 from bench.results.store import Store, iso
-from bench.results.summary import Outcome, Stage, attack_table, certificate_table, certified_table, labels_from
+from bench.results.stored import StoredConfig
+from bench.results.summary import (Labels, Outcome, Stage, attack_table, certificate_table, certified_table,
+                                   labels_from)
+from bench.results.types import (AttackTable, Escalation, ExampleOutcome, LabelMetrics, ModelInfo, RunSummary,
+                                 TrainSummary)
 
 __all__ = ["run_summary"]
 
@@ -32,17 +36,17 @@ def get_run_or_fail(store: Store, run_id: int) -> RunRow:
     return run
 
 
-def run_summary(store: Store, run_id: int) -> dict[str, Any]:
-    """The run's summary object (stable keys; later versions only add keys)."""
+def run_summary(store: Store, run_id: int) -> RunSummary:
+    """The run's summary object (stable keys, in this order; later versions only add keys).
+
+    The run's stored configuration is read through :class:`StoredConfig` (task, classes,
+    imbalance, radius grid, split, escalated stages) and included verbatim as ``config``."""
     run = get_run_or_fail(store, run_id)
     stages, outcomes = _stages_and_outcomes(store, run_id)
     n = run.n_examples or 0
-    config = run.config or {}
-    spec = config.get("dataset_spec") or {}
-    labels = labels_from(stages, outcomes, spec.get("task", "multiclass"), spec.get("classes", []))
+    stored = StoredConfig.from_json(run.config)
+    labels = labels_from(stages, outcomes, stored.task, stored.classes)
     table = attack_table(stages, outcomes, n, labels)
-    radii = config.get("radii") or []
-    model = store.get_model(run.model_id) if run.model_id is not None else None
     return {
         "run_id": run.id,
         "defense": run.defense,
@@ -52,7 +56,7 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
         "clean_accuracy": table["clean_accuracy"],
         "attacks": table["attacks"],
         "robust_accuracy": table["robust_accuracy"],
-        "certified": certified_table(stages, outcomes, n, radii),
+        "certified": certified_table(stages, outcomes, n, stored.radii),
         "certificate": certificate_table(stages, outcomes, n),
         "checks": [{"name": c.name, "triggered": c.triggered, "detail": c.detail} for c in store.checks(run_id)],
         "wall_time_s": run.wall_time_s,
@@ -61,20 +65,16 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
         "pending_attacks": table["pending_attacks"],
         "skipped_attacks": table["skipped_attacks"],
         "task": labels.task,
-        "imbalanced": bool(spec.get("imbalanced", False)),
+        "imbalanced": stored.imbalanced,
         "balanced_accuracy": table["balanced_accuracy"],
         "per_class_recall": table["per_class_recall"],
         "robust_balanced_accuracy": table["robust_balanced_accuracy"],
-        **({k: table[k] for k in ("per_label_accuracy", "auroc") if k in table}),
-        "split": config.get("split", "test"),
+        **_label_metrics(table),
+        "split": stored.split,
         "status": run.status.value,
         "complete": run.status is RunStatus.FINISHED,
         "threat_models": table["threat_models"],
-        "model": None if model is None else {
-            "id": model.id, "source": model.source, "checkpoint_path": model.checkpoint_path,
-            "checkpoint_sha256": model.checkpoint_sha256, "hparams": model.hparams,
-            "train_summary": _short_train_summary(model.train_summary),
-        },
+        "model": _model_info(store.get_model(run.model_id) if run.model_id is not None else None),
         "forward_passes": run.forward_passes,
         "backward_passes": run.backward_passes,
         "seed": run.seed,
@@ -84,15 +84,32 @@ def run_summary(store: Store, run_id: int) -> dict[str, Any]:
         "created_at": iso(run.created_at),
         "finished_at": iso(run.finished_at),
         "error": run.error,
-        "escalation": _escalation(stages, outcomes, n, labels, config, table),
+        "escalation": _escalation(stages, outcomes, n, labels, stored.escalated, table),
     }
 
 
-def _escalation(stages: list[Stage], outcomes: dict[int, list[Outcome]], n: int, labels: Any,
-                config: dict[str, Any], table: dict[str, Any]) -> dict[str, Any] | None:
-    """Robust accuracy without and with the stages ``--escalate`` added (both results)."""
-    escalated = {int(e["position"]): e["escalated_for"] for e in config.get("extra_attacks", [])
-                 if e.get("escalated_for")}
+def _label_metrics(table: AttackTable) -> LabelMetrics:
+    """The multilabel metrics of ``table``, when it has them."""
+    out: LabelMetrics = {}
+    if "per_label_accuracy" in table:
+        out["per_label_accuracy"] = table["per_label_accuracy"]
+    if "auroc" in table:
+        out["auroc"] = table["auroc"]
+    return out
+
+
+def _model_info(model: ModelRow | None) -> ModelInfo | None:
+    if model is None:
+        return None
+    return {"id": model.id, "source": model.source, "checkpoint_path": model.checkpoint_path,
+            "checkpoint_sha256": model.checkpoint_sha256, "hparams": model.hparams,
+            "train_summary": _short_train_summary(model.train_summary)}
+
+
+def _escalation(stages: list[Stage], outcomes: dict[int, list[Outcome]], n: int, labels: Labels,
+                escalated: dict[int, str], table: AttackTable) -> Escalation | None:
+    """Robust accuracy without and with the stages ``--escalate`` added (``escalated``: stage
+    position -> the check it remedies); both are results."""
     if not escalated:
         return None
     before = attack_table([s for s in stages if s.position not in escalated], outcomes, n, labels)
@@ -105,13 +122,14 @@ def _escalation(stages: list[Stage], outcomes: dict[int, list[Outcome]], n: int,
     }
 
 
-def _short_train_summary(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+def _short_train_summary(summary: dict[str, Any] | None) -> TrainSummary | None:
     if not summary:
         return None
-    return {k: summary[k] for k in ("epochs", "steps", "seconds", "final_loss", "final_train_accuracy") if k in summary}
+    keys = ("epochs", "steps", "seconds", "final_loss", "final_train_accuracy")
+    return cast(TrainSummary, {k: summary[k] for k in keys if k in summary})
 
 
-def example_outcomes(store: Store, run_id: int) -> list[dict[str, Any]]:
+def example_outcomes(store: Store, run_id: int) -> list[ExampleOutcome]:
     """One record per evaluated example: its label, clean correctness and, per threat model,
     ``broken_by`` (the first attack of the cascade that broke it, ``"clean"`` when the clean
     prediction is already wrong, ``None`` when it stayed robust)."""
@@ -122,24 +140,28 @@ def example_outcomes(store: Store, run_id: int) -> list[dict[str, Any]]:
     stages, outcomes = _stages_and_outcomes(store, run_id)
     by_index = {s.id: {o.index: o for o in outcomes.get(s.id, [])} for s in stages}
     clean = next((s for s in stages if s.kind is EvalKind.CLEAN), None)
-    attacks = [s for s in sorted(stages, key=lambda s: s.position)
-               if s.kind is EvalKind.ATTACK and s.finished and not s.skipped]
-    threats = list(dict.fromkeys((s.norm, s.eps) for s in attacks))
-    records = []
+    cascades: dict[tuple[str | None, float | None], list[Stage]] = {}
+    for stage in sorted(stages, key=lambda s: s.position):
+        if stage.kind is EvalKind.ATTACK and stage.finished and not stage.skipped:
+            cascades.setdefault((stage.norm, stage.eps), []).append(stage)
+    records: list[ExampleOutcome] = []
     for index in run.indices or []:
         row = by_index.get(clean.id, {}).get(index) if clean is not None else None
         clean_ok = bool(row and row.correct)
-        record: dict[str, Any] = {"index": index, "label": row.label if row else None, "clean_correct": clean_ok,
-                                  "broken_by": {}}
-        for norm, eps in threats:
-            broken: str | None = None if clean_ok else "clean"
-            for stage in (s for s in attacks if (s.norm, s.eps) == (norm, eps)):
-                if broken is not None:
-                    break
-                outcome = by_index[stage.id].get(index)
-                if outcome is not None and not outcome.correct:
-                    broken = stage.method
-            record["broken_by"][f"{norm} {format_eps(eps or 0.0)}"] = broken
-        record["robust"] = clean_ok and all(v is None for v in record["broken_by"].values())
-        records.append(record)
+        broken_by = {f"{norm} {format_eps(eps or 0.0)}": _broken_by(index, clean_ok, cascade, by_index)
+                     for (norm, eps), cascade in cascades.items()}
+        records.append({"index": index, "label": row.label if row else None, "clean_correct": clean_ok,
+                        "broken_by": broken_by, "robust": clean_ok and all(v is None for v in broken_by.values())})
     return records
+
+
+def _broken_by(index: int, clean_ok: bool, cascade: list[Stage], by_index: dict[int, dict[int, Outcome]]) -> str | None:
+    """The first stage of ``cascade`` that broke example ``index`` ("clean" when its clean
+    prediction is wrong, None when it stayed robust)."""
+    if not clean_ok:
+        return "clean"
+    for stage in cascade:
+        outcome = by_index[stage.id].get(index)
+        if outcome is not None and not outcome.correct:
+            return stage.method
+    return None

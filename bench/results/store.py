@@ -1,36 +1,80 @@
 """The result store: a thin layer of queries over the schema.
 
-``Store(url)`` opens (and creates) the database. SQLite is the default
+``Store(url)`` opens (and creates) the database; ``Store(url, create=False)`` opens only an
+existing bench store and never writes into a file that is not one. SQLite is the default
 (``sqlite:///bench.db`` in the working directory, WAL journal, foreign keys on); any
 SQLAlchemy URL works, PostgreSQL for shared multi-machine use. Per-example rows are written
-and committed one batch at a time, so an interrupted run loses at most one batch.
+and committed one batch at a time, so an interrupted run loses at most one batch. JSON columns
+always hold valid JSON: they are written with ``allow_nan=False`` (:mod:`bench.results.jsonvalues`).
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from bench.errors import StoreError
+from bench.results.jsonvalues import null_non_finite, strict_dumps
 from bench.results.schema import (SCHEMA_VERSION, Base, CheckRow, EvalKind, EvaluationRow, ExampleResultRow,
                                   MetaRow, ModelRow, ReferenceRow, RunRow, RunStatus, utcnow)
 
-__all__ = ["DEFAULT_URL", "Store", "resolve_url"]
+__all__ = ["DEFAULT_URL", "NoStoreError", "Store", "resolve_url"]
 
 DEFAULT_URL = "sqlite:///bench.db"
 
 
+class NoStoreError(StoreError):
+    """There is no bench store at the URL (no file, or a database without bench's tables)."""
+
+
 def resolve_url(url: str | None = None) -> str:
-    """``--db`` if given, else ``$BENCH_DB``, else ``sqlite:///bench.db``."""
-    return url or os.environ.get("BENCH_DB") or DEFAULT_URL
+    """``--db`` if given, else ``$BENCH_DB``, else ``sqlite:///bench.db``; an empty or blank
+    ``--db`` or ``$BENCH_DB`` is a :class:`StoreError` (never silently the default)."""
+    if url is not None:
+        if not url.strip():
+            raise StoreError(f"invalid --db {url!r}: an empty database URL; give one, e.g. sqlite:///bench.db")
+        return url
+    env = os.environ.get("BENCH_DB")
+    if env is not None:
+        if not env.strip():
+            raise StoreError("BENCH_DB is set but empty: unset it or give a database URL, e.g. sqlite:///bench.db")
+        return env
+    return DEFAULT_URL
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a file-backed SQLite URL; ``None`` for in-memory SQLite and other databases."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _is_bench_file(path: Path) -> bool:
+    """Whether the SQLite file ``path`` holds bench's tables; opened read-only, so nothing is written."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open result store at {path}: {exc}") from None
+    try:
+        query = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='bench_meta'"
+        return conn.execute(query).fetchone() is not None
+    except sqlite3.DatabaseError:  # "file is not a database"
+        return False
+    finally:
+        conn.close()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -45,27 +89,46 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 class Store:
-    """Open (and create if needed) the result store at ``url``."""
+    """The result store at ``url``.
+
+    ``create=True`` (``bench run``) creates the database and its tables if needed.
+    ``create=False`` (every other command) opens only an existing bench store: a missing file,
+    or a database without bench's tables (an empty file, another program's SQLite file), is a
+    :class:`NoStoreError` and nothing is written to it. Either way an older bench store is
+    migrated in place (:meth:`_migrate`).
+    """
 
     def __init__(self, url: str | None = None, create: bool = True) -> None:
         self.url = resolve_url(url)
-        if not create and self.url.startswith("sqlite:///") and self.url not in ("sqlite:///", "sqlite:///:memory:"):
-            path = Path(self.url[len("sqlite:///"):])
+        path = sqlite_file(self.url)
+        if not create and path is not None and path.parent.is_dir() and not path.is_dir():  # else: _connect says why
             if not path.exists():
-                raise StoreError(f"no result store at {path}: run `bench run` first, or pass --db / set BENCH_DB")
-        self.engine = self._connect(self.url)
+                raise NoStoreError(f"no result store at {path}: run `bench run` first, or pass --db / set BENCH_DB")
+            if not _is_bench_file(path):  # checked before connecting: the WAL pragma would write a header
+                raise NoStoreError(f"{path} is not a bench result store (it has no bench tables); "
+                                   "pass --db / set BENCH_DB to a store `bench run` made")
+        self.engine = self._connect(self.url, create)
+
+    @classmethod
+    def existing(cls, url: str | None = None) -> Store | None:
+        """The bench store at ``url``, or ``None`` when there is none yet; creates nothing.
+        Other problems (a bad URL, a missing directory, another schema version) still raise."""
+        try:
+            return cls(url, create=False)
+        except NoStoreError:
+            return None
 
     # -- opening ------------------------------------------------------------------------
     @staticmethod
-    def _connect(url: str) -> Engine:
-        if url.startswith("sqlite:///") and url not in ("sqlite:///", "sqlite:///:memory:"):
-            path = Path(url[len("sqlite:///"):])
+    def _connect(url: str, create: bool = True) -> Engine:
+        path = sqlite_file(url)
+        if path is not None:
             if not path.parent.exists():
                 raise StoreError(f"cannot open result store '{url}': directory {path.parent} does not exist")
             if path.is_dir():
                 raise StoreError(f"cannot open result store '{url}': {path} is a directory")
         try:
-            engine = create_engine(url)
+            engine = create_engine(url, json_serializer=strict_dumps)
         except NoSuchModuleError as exc:
             raise StoreError(f"cannot open result store '{url}': unsupported database URL ({exc})") from None
         except ModuleNotFoundError as exc:
@@ -76,6 +139,8 @@ class Store:
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         try:
+            if not create:
+                Store._require_bench_tables(engine, url)
             Base.metadata.create_all(engine)
             Store._migrate(engine)
             Store._check_columns(engine, url)
@@ -92,6 +157,16 @@ class Store:
             detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise StoreError(f"cannot open result store '{url}': {detail}") from None
         return engine
+
+    @staticmethod
+    def _require_bench_tables(engine: Engine, url: str) -> None:
+        """Refuse a database without bench's tables (``create=False``), before anything is written."""
+        from sqlalchemy import inspect
+
+        if not inspect(engine).has_table(MetaRow.__tablename__):
+            engine.dispose()
+            raise NoStoreError(f"'{url}' is not a bench result store (it has no bench tables); "
+                               "pass --db / set BENCH_DB to a store `bench run` made")
 
     # columns added by each schema version (all nullable): an older store gains them in place
     MIGRATIONS = {2: {"example_results": ("count_a", "bound", "seconds")}}
@@ -138,7 +213,12 @@ class Store:
 
     # -- models -------------------------------------------------------------------------
     def upsert_model(self, key: str, **fields: Any) -> int:
-        """Return the id of the model row ``key``, creating or updating it with ``fields``."""
+        """Return the id of the model row ``key``, creating or updating it with ``fields``.
+
+        A non-finite number in ``train_summary`` (a diverged loss) is stored as null, and the
+        paths of the nulled values are listed under its ``non_finite`` key."""
+        if fields.get("train_summary") is not None:
+            fields["train_summary"] = _finite_summary(fields["train_summary"])
         with self.session() as s:
             row = s.scalar(select(ModelRow).where(ModelRow.key == key))
             if row is None:
@@ -234,9 +314,10 @@ class Store:
 
     def add_results(self, evaluation_id: int, rows: Iterable[dict[str, Any]], forward: int = 0,
                     backward: int = 0) -> None:
-        """Insert one batch of per-example rows and the batch's cost, in one transaction."""
+        """Insert one batch of per-example rows and the batch's cost, in one transaction.
+        A non-finite multilabel score (a model whose output is NaN) is stored as null."""
         with self.session() as s:
-            s.add_all(ExampleResultRow(evaluation_id=evaluation_id, **row) for row in rows)
+            s.add_all(ExampleResultRow(evaluation_id=evaluation_id, **_finite_multilabel(row)) for row in rows)
             ev = s.get(EvaluationRow, evaluation_id)
             assert ev is not None
             ev.forward_passes += forward
@@ -307,6 +388,19 @@ class Store:
     def references(self, dataset: str) -> list[ReferenceRow]:
         with self.session() as s:
             return list(s.scalars(select(ReferenceRow).where(ReferenceRow.dataset == dataset)))
+
+
+def _finite_summary(summary: Any) -> Any:
+    clean, nulled = null_non_finite(summary)
+    if nulled and isinstance(clean, dict):
+        clean["non_finite"] = nulled
+    return clean
+
+
+def _finite_multilabel(row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("multilabel") is None:
+        return row
+    return {**row, "multilabel": null_non_finite(row["multilabel"])[0]}
 
 
 def iso(ts: datetime | None) -> str | None:

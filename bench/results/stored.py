@@ -58,6 +58,8 @@ class StoredConfig:
     smoothed: bool
     checkpoint: str | None = None
     recipe_name: str | None = None
+    recipe: dict[str, Any] | None = None  # a bench.training.recipe.Recipe's to_dict()
+    checkpoint_sha256: str | None = None
     extra_attacks: tuple[ExtraAttack, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -89,6 +91,8 @@ class StoredConfig:
             smoothed=bool(info.get("smoothed", False)),
             checkpoint=c.get("checkpoint"),
             recipe_name=c.get("recipe_name"),
+            recipe=c.get("recipe"),
+            checkpoint_sha256=c.get("checkpoint_sha256"),
             extra_attacks=tuple(ExtraAttack.from_dict(e) for e in c.get("extra_attacks", [])),
             raw=c,
         )

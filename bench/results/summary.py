@@ -22,9 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from bench.results.schema import EvalKind
+from bench.results.types import (AttackRow, AttackTable, CertificateRow, CertifiedRow, ClassMetrics, DrawScores,
+                                 LabelMetrics, StageRef, ThreatRow)
+
+Threat = tuple[str, float]  # (norm, eps) of an attack stage
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,16 @@ class Outcome:
         return self.prediction == self.label
 
 
-def draw_scores(rows: Sequence[Outcome], n: int) -> dict[str, float | None]:
+def draw_scores(rows: Sequence[Outcome], n: int) -> DrawScores:
     """Scoring over R draws: ``mean`` (average fraction of correct draws), ``majority`` (the vote
     is correct) and ``worst_of_r`` (all draws correct); examples without a row count as wrong."""
-    return {"mean": _fraction_f(sum(o.draw_fraction for o in rows), n),
+    return {"mean": _fraction(sum(o.draw_fraction for o in rows), n),
             "majority": _fraction(sum(1 for o in rows if o.majority_correct), n),
             "worst_of_r": _fraction(sum(1 for o in rows if o.correct), n)}
 
 
-def _fraction_f(total: float, n: int) -> float | None:
-    return total / n if n else None
+def _max_draws(rows: Sequence[Outcome]) -> int:
+    return max((o.draws for o in rows), default=1)
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,14 @@ class Stage:
     params: dict[str, Any] | None = None
 
 
-def _fraction(count: int, n: int) -> float | None:
-    return count / n if n else None
+def _fraction(part: float, n: int) -> float | None:
+    """``part / n``, or ``None`` when there are no examples."""
+    return part / n if n else None
+
+
+def _threat(stage: Stage) -> Threat:
+    """An attack stage's threat model (attack stages always store their norm and eps)."""
+    return cast(Threat, (stage.norm, stage.eps))
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,7 @@ def labels_from(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], tas
     return Labels(task, tuple(classes), single, multi)
 
 
-def class_metrics(robust: set[int], labels: Labels) -> dict[str, Any]:
+def class_metrics(robust: set[int], labels: Labels) -> ClassMetrics:
     """Balanced accuracy and per-class recall of the examples in ``robust`` (single-label tasks)."""
     if labels.task == "multilabel" or not labels.single:
         return {}
@@ -123,7 +133,7 @@ def class_metrics(robust: set[int], labels: Labels) -> dict[str, Any]:
 
 
 def label_metrics(per_label_ok: dict[int, list[bool]], scores: dict[int, list[float]], labels: Labels,
-                  n: int) -> dict[str, Any]:
+                  n: int) -> LabelMetrics:
     """Per-label accuracy and AUROC (per label and macro over labels with both outcomes present)."""
     if labels.task != "multilabel" or not labels.multi:
         return {}
@@ -147,7 +157,7 @@ def _auroc(y: list[int], score: list[float]) -> float | None:
 
 
 def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int,
-                 labels: Labels | None = None) -> dict[str, Any]:
+                 labels: Labels | None = None) -> AttackTable:
     """Clean accuracy, cumulative per-attack accuracy, per-threat and overall worst case, and the
     medical metrics of each (when ``labels`` is given)."""
     labels = labels or Labels("multiclass", (), {}, {})
@@ -155,57 +165,74 @@ def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n:
     clean_rows = [o for s in clean for o in outcomes.get(s.id, [])]
     clean_ok = {o.index for o in clean_rows if o.correct}
     clean_labels = {o.index: _label_ok(o) for o in clean_rows if o.multilabel}
-    clean_scores = {o.index: list(o.multilabel["score"]) for o in clean_rows if o.multilabel}
-    attacks_out: list[dict[str, Any]] = []
-    groups: dict[tuple[str | None, float | None], set[int]] = {}
-    group_labels: dict[tuple[str | None, float | None], dict[int, list[bool]]] = {}
     attack_stages = sorted((s for s in stages if s.kind is EvalKind.ATTACK), key=lambda s: s.position)
-    pending = [{"name": s.method, "norm": s.norm, "eps": s.eps} for s in attack_stages if not s.finished]
-    skipped = [{"name": s.method, "norm": s.norm, "eps": s.eps, "reason": s.skipped}
-               for s in attack_stages if s.skipped]
-    for stage in (s for s in attack_stages if s.finished and not s.skipped):  # neither counts as "broken"
-        key = (stage.norm, stage.eps)
-        rows = outcomes.get(stage.id, [])
-        alive = groups.get(key, clean_ok) & {o.index for o in rows if o.correct}
-        groups[key] = alive
-        entry: dict[str, Any] = {"name": stage.method, "norm": stage.norm, "eps": stage.eps,
-                                 "accuracy": _fraction(len(alive), n), **class_metrics(alive, labels),
-                                 "draws": max((o.draws for o in rows), default=1),
-                                 **draw_scores(rows, n)}
-        if labels.task == "multilabel":
-            per_label = dict(group_labels.get(key, clean_labels))
-            for o in rows:
-                if o.multilabel and o.index in per_label:
-                    per_label[o.index] = [a and b for a, b in zip(per_label[o.index], _label_ok(o))]
-            group_labels[key] = per_label
-            entry.update(label_metrics(per_label, {o.index: list(o.multilabel["score"]) for o in rows if o.multilabel},
-                                       labels, n))
-        attacks_out.append(entry)
-    threats = [{"norm": norm, "eps": eps, "robust_accuracy": _fraction(len(alive), n),
-                **class_metrics(alive, labels)} for (norm, eps), alive in groups.items()]
-    robust: float | None = None
+    attacks, groups = _cascades(attack_stages, outcomes, n, labels, clean_ok, clean_labels)
     robust_set: set[int] = set()
     if groups:
         robust_set = set(clean_ok)
         for alive in groups.values():
             robust_set &= alive
-        robust = _fraction(len(robust_set), n)
     clean_metrics = class_metrics(clean_ok, labels)
-    out = {
+    out: AttackTable = {
         "clean_accuracy": _fraction(len(clean_ok), n) if clean else None,
-        "clean_draws": {"draws": max((o.draws for o in clean_rows), default=1), **draw_scores(clean_rows, n)},
-        "attacks": attacks_out,
-        "pending_attacks": pending,
-        "skipped_attacks": skipped,
-        "threat_models": threats,
-        "robust_accuracy": robust,
+        "clean_draws": {"draws": _max_draws(clean_rows), **draw_scores(clean_rows, n)},
+        "attacks": attacks,
+        "pending_attacks": [_stage_ref(s) for s in attack_stages if not s.finished],
+        "skipped_attacks": [{**_stage_ref(s), "reason": s.skipped} for s in attack_stages if s.skipped],
+        "threat_models": [_threat_row(threat, alive, labels, n) for threat, alive in groups.items()],
+        "robust_accuracy": _fraction(len(robust_set), n) if groups else None,
         "balanced_accuracy": clean_metrics.get("balanced_accuracy"),
         "per_class_recall": clean_metrics.get("per_class_recall"),
         "robust_balanced_accuracy": class_metrics(robust_set, labels).get("balanced_accuracy") if groups else None,
     }
     if labels.task == "multilabel":
+        clean_scores = {o.index: list(o.multilabel["score"]) for o in clean_rows if o.multilabel}
         out.update(label_metrics(clean_labels, clean_scores, labels, n))
     return out
+
+
+def _cascades(attack_stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int, labels: Labels,
+              clean_ok: set[int], clean_labels: dict[int, list[bool]],
+              ) -> tuple[list[AttackRow], dict[Threat, set[int]]]:
+    """The finished, not skipped attack stages (neither counts as "broken"), in position order,
+    each as a row of its threat model's cascade, and the examples each threat model leaves robust
+    (in the order the threat models first appear)."""
+    rows_out: list[AttackRow] = []
+    groups: dict[Threat, set[int]] = {}
+    group_labels: dict[Threat, dict[int, list[bool]]] = {}
+    for stage in (s for s in attack_stages if s.finished and not s.skipped):
+        threat = _threat(stage)
+        rows = outcomes.get(stage.id, [])
+        alive = groups.get(threat, clean_ok) & {o.index for o in rows if o.correct}
+        groups[threat] = alive
+        entry: AttackRow = {"name": stage.method, "norm": threat[0], "eps": threat[1],
+                            "accuracy": _fraction(len(alive), n), **class_metrics(alive, labels),
+                            "draws": _max_draws(rows), **draw_scores(rows, n)}
+        if labels.task == "multilabel":
+            group_labels[threat] = _labels_still_ok(group_labels.get(threat, clean_labels), rows)
+            scores = {o.index: list(o.multilabel["score"]) for o in rows if o.multilabel}
+            entry.update(label_metrics(group_labels[threat], scores, labels, n))
+        rows_out.append(entry)
+    return rows_out, groups
+
+
+def _stage_ref(stage: Stage) -> StageRef:
+    norm, eps = _threat(stage)
+    return {"name": stage.method, "norm": norm, "eps": eps}
+
+
+def _threat_row(threat: Threat, alive: set[int], labels: Labels, n: int) -> ThreatRow:
+    return {"norm": threat[0], "eps": threat[1], "robust_accuracy": _fraction(len(alive), n),
+            **class_metrics(alive, labels)}
+
+
+def _labels_still_ok(before: dict[int, list[bool]], rows: Sequence[Outcome]) -> dict[int, list[bool]]:
+    """Per example, per label: correct before and on this stage's row (multilabel cascades)."""
+    per_label = dict(before)
+    for o in rows:
+        if o.multilabel and o.index in per_label:
+            per_label[o.index] = [a and b for a, b in zip(per_label[o.index], _label_ok(o))]
+    return per_label
 
 
 def _label_ok(o: Outcome) -> list[bool]:
@@ -214,10 +241,10 @@ def _label_ok(o: Outcome) -> list[bool]:
 
 
 def certified_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int,
-                    radii: Iterable[float]) -> list[dict[str, Any]]:
+                    radii: Iterable[float]) -> list[CertifiedRow]:
     """Certified accuracy at each radius, for each certification stage (a fraction of all ``n``
     examples: while a stage is unfinished, ``certified_examples`` < n and the value is partial)."""
-    out: list[dict[str, Any]] = []
+    out: list[CertifiedRow] = []
     radii = list(radii)
     for stage in sorted((s for s in stages if s.kind is EvalKind.CERTIFY), key=lambda s: s.position):
         rows = outcomes.get(stage.id, [])
@@ -228,21 +255,22 @@ def certified_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]],
     return out
 
 
-def certificate_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int) -> list[dict[str, Any]]:
+def certificate_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int) -> list[CertificateRow]:
     """Per certification stage: its parameters (n0, n, alpha, sigma or L), the average certified
     radius (abstentions and wrong predictions count as radius 0), the abstention rate and the
     mean number of samples per example."""
-    out: list[dict[str, Any]] = []
+    out: list[CertificateRow] = []
     for stage in sorted((s for s in stages if s.kind is EvalKind.CERTIFY), key=lambda s: s.position):
         rows = outcomes.get(stage.id, [])
         radii = [o.radius or 0.0 for o in rows if o.correct and not o.abstained]
         samples = [o.samples_used for o in rows if o.samples_used is not None]
-        out.append({
+        described: dict[str, Any] = (stage.params or {}).get("certificate") or {}  # a plugin may add keys
+        out.append(cast(CertificateRow, {
             "certifier": stage.method, "position": stage.position, "finished": stage.finished,
-            **((stage.params or {}).get("certificate") or {}),
+            **described,
             "average_radius": (sum(radii) / n) if n and len(rows) == n else None,
             "abstention_rate": _fraction(sum(1 for o in rows if o.abstained), len(rows)) if rows else None,
             "mean_samples": (sum(samples) / len(samples)) if samples else None,
             "certified_examples": len(rows),
-        })
+        }))
     return out
