@@ -135,16 +135,6 @@ class AttackSpec:
                    tuple(sorted((data.get("params") or {}).items())))
 
 
-def with_defaults(defaults: dict[str, Any], given: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
-    """``given`` keyword parameters over ``defaults`` (``None`` keeps the default); an unknown
-    parameter is a :class:`BenchError` naming the known ones. Shared by attacks and certifiers."""
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        known = ", ".join(sorted(defaults)) or "(none)"
-        raise BenchError(f"unknown parameter(s) {', '.join(unknown)} for {kind} '{name}'; known: {known}")
-    return {**defaults, **{k: v for k, v in given.items() if v is not None}}
-
-
 @dataclass(frozen=True)
 class CertifySpec:
     """One certifier of a protocol: registry name and keyword parameters."""
@@ -236,6 +226,11 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+# The largest count, size or seed a run accepts: a signed 32-bit integer, which every SQL
+# backend's INTEGER column holds. A larger -n is refused rather than stored.
+MAX_COUNT = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything ``bench run`` needs, as given by the user (before resolution).
@@ -300,8 +295,8 @@ class RunConfig:
         for name in self.certify:
             if name not in CERTIFIERS:
                 raise CERTIFIERS.unknown(name)
-        if any(r < 0 for r in self.radii):
-            raise BenchError(f"invalid --radii {', '.join(map(str, self.radii))}: radii must be >= 0")
+        if not all(math.isfinite(r) and r >= 0 for r in self.radii):
+            raise BenchError(f"invalid --radii {', '.join(map(str, self.radii))}: radii must be finite and >= 0")
         if self.protocol is not None and self.custom:
             raise BenchError(
                 "--protocol cannot be combined with --attack/--attack-param/--norm/--eps/--steps/--restarts/--draws "
@@ -319,8 +314,10 @@ class RunConfig:
                                  ("epochs", self.epochs, 1), ("image-size", self.image_size, 1)):
             if value is not None and value < low:
                 raise BenchError(f"invalid --{name} {value}: must be >= {low}")
-        if self.seed < 0:
-            raise BenchError(f"invalid --seed {self.seed}: must be >= 0")
+            if value is not None and value > MAX_COUNT:
+                raise BenchError(f"invalid --{name} {value}: must be <= {MAX_COUNT}")
+        if self.seed < 0 or self.seed > MAX_COUNT:
+            raise BenchError(f"invalid --seed {self.seed}: must be between 0 and {MAX_COUNT}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise BenchError(f"invalid --device '{self.device}'; use auto, cpu, cuda or cuda:N")
         if self.recipe not in ("auto", "paper", "cpu"):

@@ -17,11 +17,34 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL of th
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 
 
-def _store(db: str | None, create: bool = False) -> Any:
-    """Open the result store; only commands that write results may create it."""
+def _store(db: str | None) -> Any:
+    """Open an existing result store: never creates one, nor writes into a file that is not one
+    (only ``bench run`` creates a store, after its input is checked)."""
     from bench.results.store import Store
 
-    return Store(db, create=create)
+    return Store(db, create=False)
+
+
+def _stored_or_executed(resolved: Any, db: str | None) -> tuple[Any, int, bool, Any]:
+    """The run ``resolved`` as stored (finished), else prepared and executed: ``(store, run_id,
+    stored, progress)``. Nothing is created on disk until :func:`prepare` has checked every input
+    (parameters, dataset files, checkpoint); a finished run is looked up without importing torch."""
+    from bench.results.schema import RunStatus
+    from bench.results.store import Store, resolve_url
+
+    url = resolve_url(db)
+    store = Store.existing(url)  # None: no store there yet, and none is created by looking
+    existing = store.find_run(resolved.key) if store is not None else None
+    if existing is not None and existing.status is RunStatus.FINISHED:
+        return store, existing.id, True, None
+    from bench.cli.output import stderr
+    from bench.harness.runner import execute, prepare
+    from bench.progress import RichProgress
+
+    progress = RichProgress(stderr)
+    prepared = prepare(resolved, progress)
+    store = store or Store(url, create=True)
+    return store, execute(prepared, store, progress), False, progress
 
 
 def _parse_hparams(items: list[str], option: str = "--hparam") -> tuple[tuple[str, Any], ...]:
@@ -116,10 +139,11 @@ def run(
 ) -> None:
     """Train or load a defense, attack it, store every per-example outcome, print the result."""
     from bench.config import RunConfig, parse_eps
-    from bench.harness.runner import execute, resolve
+    from bench.harness.resolve import resolve
     from bench.results.queries import run_summary
-    from bench.results.schema import RunStatus
+    from bench.results.store import resolve_url
 
+    resolve_url(db)  # an empty --db or $BENCH_DB is refused before anything else
     config = RunConfig(
         defense=defense, dataset=dataset, protocol=protocol, attacks=tuple(attack or ()), norm=norm,
         eps=tuple(parse_eps(e) for e in (eps or ())), steps=steps, restarts=restarts, draws=draws,
@@ -132,17 +156,8 @@ def run(
         download=download,
         hparams=_parse_hparams(hparam or []),
     )
-    resolved = resolve(config)  # validates everything before the store is touched
-    store = _store(db, create=True)
-    existing = store.find_run(resolved.key)
-    stored = existing is not None and existing.status is RunStatus.FINISHED
-    progress = None
-    if not stored:
-        from bench.cli.output import stderr
-        from bench.progress import RichProgress
-
-        progress = RichProgress(stderr)
-    run_id = execute(resolved, store, progress)
+    resolved = resolve(config)  # validates the options before any store is looked at
+    store, run_id, stored, progress = _stored_or_executed(resolved, db)
     if escalate:
         from bench.cli.output import stderr
         from bench.harness.escalate import escalate as run_remedies
@@ -157,7 +172,9 @@ def run(
             not is_adaptive(resolved.protocol.name):
         warn(f"'{resolved.defense.name}' is randomized but protocol {resolved.protocol.key} is not adaptive: its "
              "robust accuracy is likely overestimated (the leaderboard marks it with †); use --protocol adaptive")
-    if config.n_examples is not None:
+    if config.n_examples is not None and config.n_examples > summary["n_examples"]:
+        warn(f"-n {config.n_examples} exceeds the split: evaluated all {summary['n_examples']} examples")
+    elif config.n_examples is not None:
         warn(f"evaluated a seeded subset of {summary['n_examples']} examples: compare only with runs on the same subset")
     if as_json:
         from bench.cli.output import print_json
@@ -362,9 +379,9 @@ def show(
     stdout.print(f"provenance: bench {prov.get('bench_version')}"
                  + (f" (git {git.get('commit', '')[:10]}{', dirty' if git.get('dirty') else ''})" if git else "")
                  + f"; python {prov.get('python')}; {packages}; device {prov.get('device')}; seed {prov.get('seed')}")
-    model = summary.get("model") or {}
-    stdout.print(f"model: {model.get('source')} checkpoint sha256 {model.get('checkpoint_sha256')}; "
-                 f"examples hash {summary.get('indices_hash')}")
+    model = summary.get("model")
+    stdout.print(f"model: {model['source'] if model else None} checkpoint sha256 "
+                 f"{model['checkpoint_sha256'] if model else None}; examples hash {summary.get('indices_hash')}")
     if summary.get("error"):
         stdout.print(f"last error: {summary['error']}")
 

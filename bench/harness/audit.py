@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.capabilities import capability
 from bench.certifiers.audit import audit_model, consistency
 from bench.errors import BenchError
 from bench.harness.resolve import ResolvedRun
 from bench.harness.stored import load_model, load_run_examples
-from bench.models.defended import declared
 from bench.progress import Progress
 from bench.results.checks import CheckResult
 from bench.results.queries import get_run_or_fail, run_summary
@@ -77,7 +77,7 @@ def audit_run(store: Store, run_id: int, model: nn.Module | None = None, data: A
     certs, infos = _stored_certificates(store, run_id)
     checks = audit_model(model, x, y, certs, seed=seed, max_examples=max_examples, stages=infos, indices=indices,
                          progress=progress)
-    checks.append(consistency(run_summary(store, run_id), bool(declared(model, "randomized", False))))
+    checks.append(consistency(run_summary(store, run_id), bool(capability(model, "randomized"))))
     for check in checks:
         store.set_check(run_id, check.name, check.triggered, check.detail)
     return checks

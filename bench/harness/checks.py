@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bench.capabilities import capability
 from bench.results.checks import CheckResult
 
 
@@ -61,7 +62,7 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
     x = x.clone().requires_grad_(True)
     with torch.enable_grad():
-        loss = tasks.loss(model(x), y, tasks.task_of(model), reduction="sum")
+        loss = tasks.loss(model(x), y, capability(model, "task"), reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
     zero = int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
     detail = (f"{zero} of {len(x)} examples have an exactly zero input gradient (saturated softmax or masked "
@@ -95,7 +96,7 @@ def check_large_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, randomiz
     from bench.config import Norm, ThreatModel
     from bench.registry import ATTACKS
 
-    task = tasks.task_of(model)
+    task = capability(model, "task")
     with torch.no_grad():
         correct = tasks.correct(tasks.predict(model(x), task), y, task)
     keep = torch.nonzero(correct).flatten()[:max_examples]

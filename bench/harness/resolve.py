@@ -69,9 +69,9 @@ class ResolvedRun:
                            seed=stored.seed, batch_size=stored.batch_size, checkpoint=stored.checkpoint,
                            data_dir=stored.data_root, image_size=stored.image_size, split=stored.split,
                            radii=stored.radii, hparams=tuple(sorted(stored.hparams.items())))
-        raw = stored.raw
+        recipe = Recipe.from_dict(stored.recipe) if stored.recipe else None
         return cls(config, defense, dataset, spec, stored.protocol, resolve_device(device), stored.hparams,
-                   stored.image_size, stored.data_root, stored.recipe_name, None, raw.get("checkpoint_sha256"),
+                   stored.image_size, stored.data_root, stored.recipe_name, recipe, stored.checkpoint_sha256,
                    key=run.key, stored=stored)
 
     @property

@@ -1,20 +1,25 @@
-"""``bench run``: resolve -> (stored result?) -> data -> model -> checks -> clean -> attacks.
+"""``bench run``: resolve -> (stored result?) -> prepare -> model -> checks -> clean -> attacks.
 
-Every stage reads what is already stored for the run and skips it, so an interrupted run
-continues where it stopped and yields the same numbers (each batch is seeded by its position,
-not by what ran before). A run is marked finished only after its last stage.
+:func:`prepare` checks everything a run can refuse (attack and certifier parameters, non-finite
+numbers, the dataset's files, a user checkpoint) before anything is written, so the CLI creates
+the result store only after it. Every stage reads what is already stored for the run and skips
+it, so an interrupted run continues where it stopped and yields the same numbers (each batch is
+seeded by its position, not by what ran before). A run is marked finished only after its last
+stage.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bench
 from bench.config import RunConfig, stable_hash
 from bench.device import device_kind
+from bench.errors import BenchError
 from bench.harness.protocol import Protocol
 from bench.harness.resolve import TRAINING_VERSION, ResolvedRun, check_attacks, check_certifiers, resolve
 from bench.progress import Progress
@@ -27,36 +32,81 @@ if TYPE_CHECKING:
     from bench.data.base import Dataset, Split
     from bench.models.defended import DefendedModel
 
-__all__ = ["ResolvedRun", "execute", "resolve"]
+__all__ = ["PreparedRun", "ResolvedRun", "execute", "prepare", "resolve"]
 
 
-def execute(config: RunConfig | ResolvedRun, store: Store, progress: Progress | None = None) -> int:
+@dataclass(frozen=True)
+class PreparedRun:
+    """A resolved run whose inputs have all been checked, before anything is written (:func:`prepare`)."""
+
+    resolved: ResolvedRun
+    examples: Split  # the evaluated examples (the protocol's subset of the split)
+    user_model: tuple[DefendedModel, dict[str, Any]] | None  # --checkpoint loaded into a fresh model, and its meta
+    started: float  # time.perf_counter() when preparation began: the session's wall time counts from here
+
+
+def prepare(config: RunConfig | ResolvedRun, progress: Progress | None = None) -> PreparedRun:
+    """Check everything a run can refuse, writing nothing; raise :class:`BenchError` on the first problem.
+
+    Builds every attack and certifier (checking their parameters, norms and the model they
+    certify), refuses a configuration holding a non-finite number, loads the evaluated split
+    (the dataset's files) and selects the examples, and reads a user ``--checkpoint``
+    (``weights_only=True``) into a freshly built model, so a file that does not fit is refused.
+    Training, which needs the store to record its model, comes later."""
+    started = time.perf_counter()
+    resolved = config if isinstance(config, ResolvedRun) else resolve(config)
+    progress = progress or Progress()
+    check_attacks(resolved.protocol.attacks)
+    check_certifiers(resolved.protocol.certifiers, resolved)
+    _require_finite(resolved)
+    full = load_split(resolved, resolved.config.split, progress)
+    examples = select_examples(full, resolved.protocol, resolved.config.seed)
+    requested = resolved.protocol.n_examples
+    if requested is not None and requested > len(full):
+        progress.log(f"{resolved.spec.name}/{resolved.config.split} has {len(full)} examples, fewer than the "
+                     f"{requested} asked for: evaluating all {len(full)}")
+    user_model = read_user_model(resolved) if resolved.config.checkpoint else None
+    return PreparedRun(resolved, examples, user_model, started)
+
+
+def _require_finite(resolved: ResolvedRun) -> None:
+    """NaN and infinity are not JSON: a run configuration holding one is refused, not stored."""
+    from bench.results.jsonvalues import non_finite_paths
+
+    bad = non_finite_paths(resolved.to_dict())
+    if bad:
+        raise BenchError(f"invalid run configuration: {', '.join(bad[:3])} must be a finite number")
+
+
+def execute(config: RunConfig | ResolvedRun | PreparedRun, store: Store, progress: Progress | None = None) -> int:
     """Run (or resume, or look up) the evaluation ``config`` describes; return the run id.
 
-    ``config`` may already be resolved (the CLI resolves before it opens the store)."""
-    resolved = config if isinstance(config, ResolvedRun) else resolve(config)
+    ``config`` may already be resolved or prepared (the CLI prepares before it creates the store);
+    a finished run is returned as stored, without preparing anything."""
+    prepared = config if isinstance(config, PreparedRun) else None
+    if isinstance(config, PreparedRun):
+        resolved = config.resolved
+    else:
+        resolved = config if isinstance(config, ResolvedRun) else resolve(config)
     existing = store.find_run(resolved.key)
     if existing is not None and existing.status is RunStatus.FINISHED:
         return existing.id
     progress = progress or Progress()
-    check_attacks(resolved.protocol.attacks)  # before any training: a bad attack parameter is a user error
-    check_certifiers(resolved.protocol.certifiers, resolved)
-    return _execute(resolved, store, progress, existing.id if existing is not None else None)
+    prepared = prepared or prepare(resolved, progress)
+    return _execute(prepared, store, progress, existing.id if existing is not None else None)
 
 
-def _execute(resolved: ResolvedRun, store: Store, progress: Progress, run_id: int | None) -> int:
+def _execute(prepared: PreparedRun, store: Store, progress: Progress, run_id: int | None) -> int:
     import torch
 
     from bench.data.base import indices_hash
     from bench.harness import provenance
     from bench.harness.stages import Evaluator, scoring_for
 
-    started = time.perf_counter()
-    full = load_split(resolved, resolved.config.split, progress)
-    test = select_examples(full, resolved.protocol, resolved.config.seed)
+    resolved, test, started = prepared.resolved, prepared.examples, prepared.started
     assert test.indices is not None
     idx_hash = indices_hash(test.indices.numpy())
-    model, model_id, model_sha = obtain_model(resolved, resolved.dataset, store, progress)
+    model, model_id, model_sha = obtain_model(resolved, resolved.dataset, store, progress, prepared.user_model)
     prov = provenance.collect(device=resolved.device, seed=resolved.config.seed, dataset=resolved.spec.name,
                               indices_hash=idx_hash, checkpoint_sha256=model_sha, data_root=resolved.data_root)
     fields = dict(model_id=model_id, defense=resolved.defense.name, dataset=resolved.spec.name,
@@ -116,7 +166,9 @@ def load_split(resolved: ResolvedRun, split: str, progress: Progress) -> Split:
 
 
 def select_examples(split: Split, protocol: Protocol, seed: int) -> Split:
-    """The protocol's evaluation subset: all examples, or a seeded random subset in index order."""
+    """The protocol's evaluation subset: a seeded random subset of ``n_examples`` in index order,
+    or the whole split when ``n_examples`` is None or not smaller than the split (``runs.n_examples``
+    records how many were evaluated)."""
     import torch
 
     n = protocol.n_examples
@@ -127,18 +179,37 @@ def select_examples(split: Split, protocol: Protocol, seed: int) -> Split:
     return split.subset(positions)
 
 
-def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store,
-                 progress: Progress) -> tuple[DefendedModel, int, str]:
-    """Load the user's checkpoint, or the cached trained model, or train one and cache it.
+def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store, progress: Progress,
+                 user_model: tuple[DefendedModel, dict[str, Any]] | None = None) -> tuple[DefendedModel, int, str]:
+    """Load the user's checkpoint (``user_model`` when :func:`prepare` already did), or the
+    cached trained model, or train one and cache it.
 
     Returns the model (in eval mode), its ``models`` row id and its checkpoint's sha256."""
     import torch
 
+    if resolved.config.checkpoint:
+        return _from_file(resolved, *(user_model or read_user_model(resolved)), store)
     torch.manual_seed(resolved.config.seed)  # initial weights are part of the seeded configuration
     model = resolved.defense.build(resolved.spec, resolved.image_size, **resolved.hparams)
-    if resolved.config.checkpoint:
-        return _from_file(resolved, model, store)
     return _cached_or_trained(resolved, model, store, progress)
+
+
+def read_user_model(resolved: ResolvedRun) -> tuple[DefendedModel, dict[str, Any]]:
+    """The run's ``--checkpoint`` loaded into a freshly built model (eval mode), and the file's meta.
+
+    The file is read with ``weights_only=True`` before the model is built; a file that is not a
+    state dict of tensors, or does not fit the defense's model, is a :class:`CheckpointError`."""
+    import torch
+
+    from bench.training.checkpoints import load_into, read_checkpoint
+
+    path = resolved.config.checkpoint
+    assert path is not None
+    state, meta = read_checkpoint(path)
+    torch.manual_seed(resolved.config.seed)  # the same random state as a trained model's build
+    model = resolved.defense.build(resolved.spec, resolved.image_size, **resolved.hparams)
+    load_into(resolved.defense, model, state, path)
+    return model.eval(), meta
 
 
 def _model_fields(resolved: ResolvedRun) -> dict[str, Any]:
@@ -146,13 +217,10 @@ def _model_fields(resolved: ResolvedRun) -> dict[str, Any]:
                 hparams=resolved.hparams)
 
 
-def _from_file(resolved: ResolvedRun, model: DefendedModel, store: Store) -> tuple[DefendedModel, int, str]:
-    from bench.training.checkpoints import load_into, read_checkpoint
-
+def _from_file(resolved: ResolvedRun, model: DefendedModel, meta: dict[str, Any],
+               store: Store) -> tuple[DefendedModel, int, str]:
     path, sha = resolved.config.checkpoint, resolved.checkpoint_sha256
     assert path is not None and sha is not None
-    state, meta = read_checkpoint(path)
-    load_into(resolved.defense, model, state, path)
     key = stable_hash({"file": sha, "defense": resolved.defense.name, "dataset": resolved.spec.name,
                        "hparams": resolved.hparams, "image_size": resolved.image_size}, 32)
     model_id = store.upsert_model(key, **_model_fields(resolved), recipe=None, source="file",
@@ -223,9 +291,9 @@ def record_result_checks(store: Store, run_id: int) -> None:
 
 
 def _record_checks(store: Store, run_id: int, model: DefendedModel, test: Split, device: torch.device) -> None:
+    from bench.capabilities import capability
     from bench.harness.checks import run_checks
-    from bench.models.defended import declared
 
     x, y = test.images[:64].to(device), test.labels[:64].to(device)
-    for check in run_checks(model, x, y, bool(declared(model, "randomized", False))):
+    for check in run_checks(model, x, y, bool(capability(model, "randomized"))):
         store.set_check(run_id, check.name, check.triggered, check.detail)

@@ -18,10 +18,11 @@ from torch import nn
 
 from bench import tasks
 from bench.attacks.base import perturbation_norm
+from bench.capabilities import capability
 from bench.certifiers.smoothing import predict
 from bench.config import AttackSpec, CertifySpec, stable_hash
 from bench.errors import AttackNotApplicable
-from bench.models.defended import DefendedModel, declared
+from bench.models.defended import DefendedModel
 from bench.progress import Progress
 from bench.registry import ATTACKS, CERTIFIERS
 from bench.results.schema import EvalKind
@@ -60,9 +61,9 @@ def scoring_for(model: nn.Module, draws: int, *, randomized: bool | None = None,
     ``max(draws, min_draws)`` fresh draws for a randomized model (``randomized`` overrides the
     model's declaration, e.g. for a model whose outputs vary although it does not declare it),
     one pass otherwise."""
-    if declared(model, "smoothed_evaluation", False):
+    if capability(model, "smoothed_evaluation"):
         return Scoring(1, smoothed=True)
-    is_randomized = bool(declared(model, "randomized", False)) if randomized is None else randomized
+    is_randomized = bool(capability(model, "randomized")) if randomized is None else randomized
     return Scoring(max(int(draws), min_draws)) if is_randomized else Scoring(1)
 
 
@@ -89,7 +90,7 @@ class Evaluator:
         self.index = [int(i) for i in data.indices.tolist()]
         self.position_of = {ex: pos for pos, ex in enumerate(self.index)}
         self.images, self.labels = data.images, data.labels
-        self.task = str(getattr(model, "task", "multiclass"))
+        self.task = str(capability(model, "task"))
         self.forward_passes = 0
         self.backward_passes = 0
 
@@ -114,13 +115,13 @@ class Evaluator:
         if self.task == "multilabel":
             vote = (preds.float().mean(dim=0) > 0.5).long()
             return vote, correct_draws, torch.sigmoid(logits).mean(dim=0)
-        votes = torch.nn.functional.one_hot(preds, self.model.num_classes).sum(dim=0)
+        votes = torch.nn.functional.one_hot(preds, int(capability(self.model, "num_classes"))).sum(dim=0)
         return votes.argmax(dim=1), correct_draws, None
 
     def _predict_smoothed(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         """The smoothed classifier's decision: PREDICT with n=1000, alpha=0.001 at the model's sigma;
         an abstention (prediction -1) counts as wrong."""
-        classes = predict(self.model, x, float(self.model.sigma), n=PREDICT_N, alpha=PREDICT_ALPHA)
+        classes = predict(self.model, x, float(capability(self.model, "sigma")), n=PREDICT_N, alpha=PREDICT_ALPHA)
         self.forward_passes += self.score_passes * len(x)
         pred = torch.tensor([-1 if c is None else c for c in classes], device=y.device)
         return pred, (pred == y).long(), None
