@@ -30,11 +30,11 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Any
+from typing import Any, ClassVar
 
 from bench.errors import BenchError
 
-__all__ = ["Param", "check_params", "declared_specs", "defaults_of", "with_defaults"]
+__all__ = ["Param", "Parameterized", "check_params", "declared_specs", "defaults_of", "with_defaults"]
 
 _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0")
@@ -243,3 +243,25 @@ def declared_specs(namespace: Mapping[str, Any], inherited: Mapping[str, Param],
         return {name: replace(inherited[name], default=value) if name in inherited else Param(value)
                 for name, value in namespace[defaults_name].items()}
     return dict(inherited)
+
+
+class Parameterized:
+    """Base of the plugins configured by keyword parameters (attacks, certifiers).
+
+    Each parameter is declared once in ``parameters`` (default and rule); ``defaults`` is derived
+    from it when the class is created (the protocol routing and the CLI read it). The constructor
+    checks and coerces every value, given or default, into ``self.params``, or raises one
+    one-line :class:`BenchError` naming ``kind`` and ``name`` (e.g. ``attack 'pgd'``)."""
+
+    kind: ClassVar[str] = "plugin"
+    name: ClassVar[str] = ""
+    parameters: ClassVar[dict[str, Param]] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.parameters = declared_specs(cls.__dict__, cls.parameters, "defaults")
+        cls.defaults = defaults_of(cls.parameters)
+
+    def __init__(self, **params: Any) -> None:
+        self.params = with_defaults(f"{self.kind} '{self.name}'", self.parameters, params)

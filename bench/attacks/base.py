@@ -14,7 +14,7 @@ trusts nothing the attack returns:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 from bench.capabilities import capability
 from bench.config import Norm, ThreatModel
 from bench.errors import BenchError
-from bench.params import Param, declared_specs, defaults_of, with_defaults
+from bench.params import Parameterized
 
 __all__ = ["Attack", "AttackInfo", "AttackResult", "PassCounter", "check_inputs", "project"]
 
@@ -111,7 +111,7 @@ def perturbation_norm(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm) -> torch
     return delta.abs().amax(dim=1) if norm is Norm.LINF else delta.norm(p=2, dim=1)
 
 
-class Attack:
+class Attack(Parameterized):
     """Base class of attack registry entries.
 
     Parameters are keyword-only constructor arguments, each declared once in ``parameters``
@@ -120,18 +120,8 @@ class Attack:
     them in ``self.params``; a subclass adds cross-parameter rules after ``super().__init__``.
     """
 
-    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "attack"
     info: ClassVar[AttackInfo] = AttackInfo(norms=(Norm.LINF, Norm.L2))
-    parameters: ClassVar[dict[str, Param]] = {}
-    defaults: ClassVar[dict[str, Any]] = {}  # derived from ``parameters`` (read by the protocol routing)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.parameters = declared_specs(cls.__dict__, cls.parameters, "defaults")
-        cls.defaults = defaults_of(cls.parameters)
-
-    def __init__(self, **params: Any) -> None:
-        self.params = with_defaults(f"attack '{self.name}'", self.parameters, params)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))
@@ -143,7 +133,8 @@ class Attack:
         while attack is not None:
             if norm not in attack.info.norms:
                 supported = ", ".join(n.value for n in attack.info.norms)
-                raise BenchError(f"attack '{attack.name}' does not support the {norm.value} norm (supports {supported})")
+                raise BenchError(f"attack '{attack.name}' does not support the {norm.value} norm "
+                                 f"(supports {supported})")
             attack = getattr(attack, "inner", None)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:

@@ -6,8 +6,8 @@ does not change, with the guarantee its class docstring states. The harness stor
 certificate (``example_results``: prediction, abstained, radius, samples_used, count_a, bound,
 seconds) and computes certified accuracy per radius from them.
 
-Subclasses set ``info`` and ``parameters`` (:class:`~bench.params.Param` specs) and implement :meth:`Certifier.prepare` (resolve what the
-certificate needs from the model, e.g. sigma or the Lipschitz bound, and refuse models that
+Subclasses set ``info`` and ``parameters`` (:class:`~bench.params.Param` specs) and implement
+:meth:`Certifier.prepare` (resolve what the certificate needs from the model, e.g. sigma or the Lipschitz bound, and refuse models that
 cannot be certified) and :meth:`Certifier.certify`.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from bench.capabilities import capability
 from bench.errors import BenchError
-from bench.params import Param, declared_specs, defaults_of, with_defaults
+from bench.params import Param, Parameterized
 
 __all__ = ["ALPHA", "Certificate", "Certifier", "CertifierInfo"]
 
@@ -51,7 +51,7 @@ class Certificate:
         return self.prediction is None
 
 
-class Certifier:
+class Certifier(Parameterized):
     """Base class of certifier registry entries.
 
     Each parameter is declared once in ``parameters`` (default and rule, a
@@ -60,18 +60,11 @@ class Certifier:
     several parameters.
     """
 
-    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "certifier"
     info: ClassVar[CertifierInfo] = CertifierInfo()
-    parameters: ClassVar[dict[str, Param]] = {}
-    defaults: ClassVar[dict[str, Any]] = {}  # derived from ``parameters`` (read by the protocol routing)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.parameters = declared_specs(cls.__dict__, cls.parameters, "defaults")
-        cls.defaults = defaults_of(cls.parameters)
 
     def __init__(self, **params: Any) -> None:
-        self.params = with_defaults(f"certifier '{self.name}'", self.parameters, params)
+        super().__init__(**params)
         self.validate()
 
     def __repr__(self) -> str:
