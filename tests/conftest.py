@@ -54,3 +54,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A fresh, empty PostgreSQL database for one test (dropped after it), on the server whose
+    URL is in ``$BENCH_TEST_POSTGRES`` (``.ci/run`` starts one); the test is skipped without it."""
+    import uuid
+
+    server = os.environ.get("BENCH_TEST_POSTGRES")
+    if not server:
+        pytest.skip("BENCH_TEST_POSTGRES is not set (.ci/run starts a PostgreSQL server and sets it)")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def new_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, not yet created result store: an SQLite file, and (marked ``postgres``)
+    an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return request.getfixturevalue("postgres_url")

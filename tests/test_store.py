@@ -11,14 +11,15 @@ from sqlalchemy import inspect, text
 from sqlalchemy.orm import Session
 
 from bench.errors import StoreError
-from bench.results.schema import EvalKind, ExampleResultRow, RunStatus
-from bench.results.schema import SCHEMA_VERSION
+from bench.results.schema import SCHEMA_VERSION, EvalKind, ExampleResultRow, RunStatus
 from bench.results.store import Store, resolve_url
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store("sqlite:///" + str(tmp_path / "x.db"))
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A new store: an SQLite file, and (marked ``postgres``) a fresh PostgreSQL database."""
+    sqlite = request.param == "sqlite"
+    s = Store("sqlite:///" + str(tmp_path / "x.db") if sqlite else request.getfixturevalue("postgres_url"))
     yield s
     s.close()
 
@@ -45,7 +46,8 @@ def test_creates_file_and_tables(tmp_path: Path) -> None:
         tables = set(inspect(s.engine).get_table_names())
         assert {"models", "runs", "evaluations", "example_results", "checks", "references", "bench_meta"} <= tables
         with s.engine.connect() as conn:
-            assert conn.execute(text("SELECT value FROM bench_meta WHERE key='schema_version'")).scalar() == str(SCHEMA_VERSION)
+            stored = conn.execute(text("SELECT value FROM bench_meta WHERE key='schema_version'")).scalar()
+            assert stored == str(SCHEMA_VERSION)
     finally:
         s.close()
 
@@ -87,6 +89,8 @@ def test_reopening_keeps_data(tmp_path: Path) -> None:
 
 
 def test_wal_and_foreign_keys_are_on(store: Store) -> None:
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite pragmas")
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar().lower() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
@@ -200,11 +204,16 @@ def test_example_results_unique_per_evaluation(store: Store) -> None:
     ev = store.evaluation(run_id, 0, EvalKind.CLEAN, "clean")
     other = store.evaluation(run_id, 1, EvalKind.ATTACK, "pgd", norm="L2", eps=0.5)
     store.add_results(ev, rows([0, 1]), forward=2)
-    with pytest.raises(sqlalchemy.exc.IntegrityError):
-        store.add_results(ev, rows([5, 1]), forward=2)
-    # the failed batch is rolled back as a whole, cost included
-    assert store.done_indices(ev) == {0, 1}
-    assert store.evaluations(run_id)[0].forward_passes == 2
+    with pytest.raises(sqlalchemy.exc.IntegrityError), Session(store.engine) as s:  # the database enforces it
+        s.add(ExampleResultRow(evaluation_id=ev, example_index=1, correct=True))
+        s.commit()
+    # add_results stores each row once: a row another writer stored first is kept, the new one added
+    store.add_results(ev, rows([5, 1]), forward=2)
+    assert store.done_indices(ev) == {0, 1, 5}
+    assert store.evaluations(run_id)[0].forward_passes == 4
+    store.add_results(ev, rows([0, 5]), forward=2)  # nothing new: a duplicate batch costs nothing
+    assert store.evaluations(run_id)[0].forward_passes == 4
+    assert store.get_run(run_id).forward_passes == 4
     store.add_results(other, rows([0, 1]))  # the same index in another evaluation is fine
     assert store.done_indices(other) == {0, 1}
 

@@ -5,11 +5,18 @@ reloaded exactly; the new attack runs only on the examples still robust under it
 (clean-correct and not broken by any earlier attack with the same norm and eps), so the run's
 worst-case robust accuracy can only go down. The attack becomes a new evaluation of the run,
 committed batch by batch; repeating the same command resumes it, then returns it as stored.
+
+Several ``bench attack`` on one run may run at once: each stage gets its own position, and is
+recorded in the run's ``config.extra_attacks`` in the same transaction that creates it
+(:meth:`bench.results.store.Store.add_stage`), so neither a concurrent writer nor a kill loses
+the record; identical concurrent stages share one position and cooperate on its rows.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
+
 from bench.config import AttackSpec
 from bench.errors import BenchError
 from bench.harness.resolve import ResolvedRun
@@ -17,27 +24,38 @@ from bench.harness.runner import record_result_checks
 from bench.progress import Progress
 from bench.results.schema import EvalKind, RunStatus
 from bench.results.store import Store
-from bench.results.stored import ExtraAttack
+from bench.results.stored import ExtraAttack, StoredConfig
 
 __all__ = ["add_attack"]
 
 
-def _stage_position(store: Store, run_id: int, spec: AttackSpec) -> tuple[int, bool]:
-    """The position of this attack in the run: an existing identical stage, or the next free one."""
-    evaluations = store.evaluations(run_id)
-    for ev in evaluations:
-        if (ev.kind is EvalKind.ATTACK and ev.method == spec.attack and ev.norm == spec.threat.norm.value
-                and ev.eps == spec.threat.eps and (ev.params or {}) == spec.kwargs):
-            return ev.position, ev.finished
-    return max((ev.position for ev in evaluations), default=0) + 1, False
+def _finished(store: Store, run_id: int, spec: AttackSpec) -> bool:
+    """Whether the run already holds this attack as a finished stage (read only)."""
+    return any(ev.kind is EvalKind.ATTACK and ev.method == spec.attack and ev.norm == spec.threat.norm.value
+               and ev.eps == spec.threat.eps and (ev.params or {}) == spec.kwargs and ev.finished
+               for ev in store.evaluations(run_id))
+
+
+def _stage_position(store: Store, run_id: int, spec: AttackSpec, escalated_for: str | None) -> tuple[int, bool]:
+    """The position of this attack in the run (an existing identical stage, or the next free one,
+    recorded in ``config.extra_attacks`` at once) and whether it is finished."""
+
+    def record(config: dict[str, Any], position: int) -> dict[str, Any]:
+        return StoredConfig.from_json(config).with_extra_attack(ExtraAttack(position, spec, escalated_for))
+
+    return store.add_stage(run_id, EvalKind.ATTACK, spec.attack, norm=spec.threat.norm.value, eps=spec.threat.eps,
+                           params=spec.kwargs, record=record)
 
 
 def _still_robust(store: Store, run_id: int, spec: AttackSpec, position: int) -> set[int]:
-    """Clean-correct examples not broken by earlier attacks of the same threat model."""
+    """Clean-correct examples not broken by earlier finished attacks of the same threat model (an
+    earlier stage another ``bench attack`` is still computing does not prune: attacking more
+    examples can only lower the measured robustness, never overstate it)."""
     alive: set[int] | None = None
     for ev in store.evaluations(run_id):
         same_threat = ev.norm == spec.threat.norm.value and ev.eps == spec.threat.eps
-        if ev.kind is EvalKind.CLEAN or (ev.kind is EvalKind.ATTACK and same_threat and ev.position < position):
+        earlier = ev.kind is EvalKind.ATTACK and same_threat and ev.position < position and ev.finished
+        if ev.kind is EvalKind.CLEAN or earlier:
             correct = store.correct_indices(ev.id)
             alive = correct if alive is None else alive & correct
     return alive or set()
@@ -65,24 +83,24 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
     if run.status is not RunStatus.FINISHED:
         raise BenchError(f"run {run_id} is {run.status.value}; finish it first by re-running its command")
     check_attacks([spec])  # name, parameters and norm, before any work
-    position, finished = _stage_position(store, run_id, spec)
-    if finished:
+    if _finished(store, run_id, spec):
         return run_id
     started = time.perf_counter()
     resolved = ResolvedRun.from_stored(run, device)
     model = load_model(store, run, resolved)
     data = load_run_examples(run, resolved, progress, "extend")
+    position, finished = _stage_position(store, run_id, spec, escalated_for)  # the first write
+    if finished:  # another `bench attack` finished it meanwhile
+        return run_id
     torch_device = torch.device(resolved.device)
     model.to(torch_device)
     scoring = scoring_for(model, resolved.protocol.draws, randomized=randomized, min_draws=min_draws)
     evaluator = Evaluator(store, run_id, model, data, torch_device, resolved.config.batch_size, resolved.config.seed,
                           scoring, progress, frozen=resolved.protocol.frozen)
+    store.start_clock(run_id, started)  # each committed batch accounts its cost: kills lose at most one batch
     try:
         evaluator.attack(position, spec, _still_robust(store, run_id, spec, position))
-    finally:  # interrupted sessions count too
-        store.add_run_cost(run_id, time.perf_counter() - started, evaluator.forward_passes,
-                           evaluator.backward_passes)
-    assert resolved.stored is not None
-    store.update_run(run_id, config=resolved.stored.with_extra_attack(ExtraAttack(position, spec, escalated_for)))
+    finally:
+        store.stop_clock(run_id)
     record_result_checks(store, run_id)
     return run_id

@@ -1,4 +1,6 @@
-"""Provenance recorded with every run: code and package versions, device, host, seeds, hashes."""
+"""Provenance recorded with every run: code and package versions, device, host, seeds, hashes.
+
+The recorded command never holds a database password (:func:`command_line`)."""
 
 from __future__ import annotations
 
@@ -69,5 +71,13 @@ def collect(*, device: str, seed: int, dataset: str, indices_hash: str, checkpoi
         "indices_hash": indices_hash,
         "checkpoint_sha256": checkpoint_sha256,
         "started_at": datetime.now(timezone.utc).isoformat(),
-        "command": " ".join(sys.argv) if sys.argv else None,
+        "command": command_line(sys.argv),
     }
+
+
+def command_line(argv: list[str]) -> str | None:
+    """``argv`` as one line, with the password of every database URL in it (``--db`` or a
+    ``BENCH_DB`` written into the command) replaced by ``***``."""
+    from bench.results.store import redact
+
+    return redact(" ".join(argv)) if argv else None

@@ -2,15 +2,20 @@
 
 Trained models are cached under ``$BENCH_HOME/checkpoints`` (default ``~/.cache/bench``) by the
 hash of their training configuration, and written atomically (a crash never leaves a partial
-file under the final name). Every file a user hands in is loaded with ``weights_only=True``.
+file under the final name) and once: :func:`checkpoint_lock` serializes the processes that would
+train the same model, so the second waits and loads the first one's file instead of rewriting
+it under a run that recorded its hash. Every file a user hands in is loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import pickle
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +61,30 @@ def _first_sentence(exc: BaseException) -> str:
     return text.split(". ")[0].rstrip(".")[:300]
 
 
+@contextlib.contextmanager
+def checkpoint_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (``fcntl.flock``; waits for another holder):
+    whoever holds it may check, train and write ``path``. The lock ends with the process, so a
+    killed holder never blocks the next one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def atomic_save(path: Path, obj: Any) -> None:
-    """``torch.save`` to a temporary file, then rename: ``path`` is never half-written."""
+    """``torch.save`` to a temporary file, then rename: ``path`` is never half-written. A write
+    that fails (a full disk, a read-only folder) is a :class:`CheckpointError` and leaves nothing."""
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as a RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_sentence(exc)
+        raise CheckpointError(f"cannot write {path}: {reason}") from None
 
 
 def save_checkpoint(path: Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
