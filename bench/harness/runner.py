@@ -10,6 +10,7 @@ stage.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from bench.harness.resolve import TRAINING_VERSION, ResolvedRun, check_attacks, 
 from bench.progress import Progress
 from bench.results.schema import RunStatus
 from bench.results.store import Store
+from bench.training import distributed
 
 if TYPE_CHECKING:
     import torch
@@ -105,6 +107,7 @@ def _execute(prepared: PreparedRun, store: Store, progress: Progress, run_id: in
 
     resolved, test, started = prepared.resolved, prepared.examples, prepared.started
     assert test.indices is not None
+    distributed.init(resolved.device)  # torchrun: join the process group (nothing in a world of size 1)
     idx_hash = indices_hash(test.indices.numpy())
     model, model_id, model_sha = obtain_model(resolved, resolved.dataset, store, progress, prepared.user_model)
     prov = provenance.collect(device=resolved.device, seed=resolved.config.seed, dataset=resolved.spec.name,
@@ -113,20 +116,34 @@ def _execute(prepared: PreparedRun, store: Store, progress: Progress, run_id: in
                   protocol=resolved.protocol.name, protocol_version=resolved.protocol.version,
                   config=resolved.to_dict(), seed=resolved.config.seed, n_examples=len(test),
                   indices_hash=idx_hash, indices=test.indices.tolist(), provenance=prov)
-    if run_id is None:
-        run_id = store.create_run(resolved.key, **fields)
-    else:
-        progress.log(f"resuming run {run_id}")
-        store.update_run(run_id, status=RunStatus.RUNNING, provenance=prov, model_id=model_id)
-    device = torch.device(resolved.device)
+    with distributed.main_first():  # rank 0 creates (or reopens) the run, the other ranks find it
+        if not distributed.is_main():
+            found = store.find_run(resolved.key)
+            assert found is not None, resolved.key
+            run_id = found.id
+        elif run_id is None:
+            run_id, created = store.get_or_create_run(resolved.key, **fields)
+            if not created:  # an identical run started meanwhile: work on it too (rows are stored once)
+                progress.log(f"joining run {run_id}, started by another process")
+        else:
+            progress.log(f"resuming run {run_id}")
+            store.update_run(run_id, status=RunStatus.RUNNING, provenance=prov, model_id=model_id)
+    device = torch.device(distributed.local_device(resolved.device))
     model.to(device)
     evaluator: Evaluator | None = None
+    store.start_clock(run_id, started)  # each committed batch accounts its cost: a kill loses at most one batch
     try:
         _record_checks(store, run_id, model, test, device)
         model.eval()
         evaluator = Evaluator(store, run_id, model, test, device, resolved.config.batch_size, resolved.config.seed,
-                              scoring_for(model, resolved.protocol.draws), progress, frozen=resolved.protocol.frozen)
+                              scoring_for(model, resolved.protocol.draws), progress, frozen=resolved.protocol.frozen,
+                              shard=(distributed.rank(), distributed.world_size()))
         _run_stages(resolved, evaluator)
+        if evaluator.shard[1] > 1:  # every rank's rows are stored (each stage ended at a barrier)
+            if not distributed.is_main():
+                return run_id  # rank 0 finishes the run
+            evaluator.shard = (0, 1)
+            _run_stages(resolved, evaluator)  # finds every row present: computes nothing, marks the stages finished
         if resolved.protocol.certifiers:  # protocols that certify audit their certificates (docs/certification.md)
             from bench.harness.audit import audit_run
 
@@ -137,8 +154,7 @@ def _execute(prepared: PreparedRun, store: Store, progress: Progress, run_id: in
         store.fail_run(run_id, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         raise
     finally:  # the cost of every session counts, interrupted ones included
-        counts = (evaluator.forward_passes, evaluator.backward_passes) if evaluator is not None else (0, 0)
-        store.add_run_cost(run_id, time.perf_counter() - started, *counts)
+        store.stop_clock(run_id)
     return run_id
 
 
@@ -223,14 +239,19 @@ def _from_file(resolved: ResolvedRun, model: DefendedModel, meta: dict[str, Any]
     assert path is not None and sha is not None
     key = stable_hash({"file": sha, "defense": resolved.defense.name, "dataset": resolved.spec.name,
                        "hparams": resolved.hparams, "image_size": resolved.image_size}, 32)
-    model_id = store.upsert_model(key, **_model_fields(resolved), recipe=None, source="file",
-                                  checkpoint_path=str(Path(path).resolve()), checkpoint_sha256=sha,
-                                  train_summary=meta.get("train_summary"))
+    with distributed.main_first():  # rank 0 creates the models row, the others find it
+        model_id = store.upsert_model(key, **_model_fields(resolved), recipe=None, source="file",
+                                      checkpoint_path=str(Path(path).resolve()), checkpoint_sha256=sha,
+                                      train_summary=meta.get("train_summary"))
     return model.eval(), model_id, sha
 
 
 def _training_key(resolved: ResolvedRun, train: Split) -> str:
-    """The cache key of a trained model: everything that determines its weights."""
+    """The cache key of a trained model: everything that determines its weights, except the world
+    size: a model trained under torchrun (DDP) differs from a one-process one only in float
+    rounding and per-rank BatchNorm statistics, and whichever is trained first is the cached model
+    of its configuration for every world size (so a run resumed with another world size keeps its
+    model). The checkpoint's meta records the ``world_size`` that trained it."""
     from bench.data.base import indices_hash
 
     assert resolved.recipe is not None and train.indices is not None
@@ -243,15 +264,26 @@ def _training_key(resolved: ResolvedRun, train: Split) -> str:
 
 def _cached_or_trained(resolved: ResolvedRun, model: DefendedModel, store: Store,
                        progress: Progress) -> tuple[DefendedModel, int, str]:
+    from bench.training.checkpoints import checkpoint_dir, checkpoint_lock
+
+    train = load_split(resolved, "train", progress)
+    key = _training_key(resolved, train)
+    path = checkpoint_dir() / f"{resolved.defense.name}-{resolved.spec.name}-{key[:16]}.pt"
+    # one process trains and writes a cached model; an identical run waits, then loads that file
+    with checkpoint_lock(path) if distributed.is_main() else contextlib.nullcontext():
+        return _load_or_train(resolved, model, store, progress, train, key, path)
+
+
+def _load_or_train(resolved: ResolvedRun, model: DefendedModel, store: Store, progress: Progress, train: Split,
+                   key: str, path: Path) -> tuple[DefendedModel, int, str]:
+    """The cached model at ``path`` if it is usable, else train it and write ``path`` (under
+    :func:`bench.training.checkpoints.checkpoint_lock`)."""
     import torch
 
-    from bench.training.checkpoints import checkpoint_dir, load_into, read_checkpoint, save_checkpoint, sha256_file
+    from bench.training.checkpoints import load_into, read_checkpoint, save_checkpoint, sha256_file
 
     defense, spec, recipe = resolved.defense, resolved.spec, resolved.recipe
     assert recipe is not None
-    train = load_split(resolved, "train", progress)
-    key = _training_key(resolved, train)
-    path = checkpoint_dir() / f"{defense.name}-{spec.name}-{key[:16]}.pt"
     summary: dict[str, Any] | None = None
     if path.exists():
         try:
@@ -263,21 +295,35 @@ def _cached_or_trained(resolved: ResolvedRun, model: DefendedModel, store: Store
             progress.log(f"cached model {path} is unusable ({exc}); retraining")
             torch.manual_seed(resolved.config.seed)
             model = defense.build(spec, resolved.image_size, **resolved.hparams)
-    if summary is None:
+    if distributed.from_main(summary is None):  # every rank trains (DDP) when rank 0 has no usable cache
+        if summary is not None:  # this rank read a file rank 0 could not: train from the same initial weights
+            torch.manual_seed(resolved.config.seed)
+            model = defense.build(spec, resolved.image_size, **resolved.hparams)
         progress.log(f"training {defense.name} on {spec.name} ({resolved.recipe_name} recipe, "
                      f"{recipe.epochs_for(len(train))} epochs, {resolved.device})")
         kwargs: dict[str, Any] = {}
         if "resume" in inspect.signature(defense.fit).parameters:  # third-party fit() may predate resume
             kwargs["resume"] = path.with_name(path.stem + ".partial.pt")
-        result = defense.fit(model, train, recipe, spec=spec, device=torch.device(resolved.device),
+        result = defense.fit(model, train, recipe, spec=spec,
+                             device=torch.device(distributed.local_device(resolved.device)),
                              seed=resolved.config.seed, progress=progress, **kwargs)
         summary = result.to_dict()
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_checkpoint(path, state, {"train_summary": summary, "key": key, "defense": defense.name,
-                                      "dataset": spec.name, "bench_version": bench.__version__})
+        if distributed.is_main():  # one writer; the other ranks load what it wrote
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            save_checkpoint(path, state, {"train_summary": summary, "key": key, "defense": defense.name,
+                                          "dataset": spec.name, "bench_version": bench.__version__,
+                                          "world_size": distributed.world_size()})
+        distributed.barrier()
+        if not distributed.is_main():
+            state, meta = read_checkpoint(path)
+            load_into(defense, model, state, str(path))
+            summary = meta.get("train_summary")
+    elif summary is None:
+        raise BenchError(f"cached model {path} is unreadable on rank {distributed.rank()} but not on rank 0")
     sha = sha256_file(path)
-    model_id = store.upsert_model(key, **_model_fields(resolved), recipe=recipe.to_dict(), source="trained",
-                                  checkpoint_path=str(path), checkpoint_sha256=sha, train_summary=summary)
+    with distributed.main_first():  # rank 0 creates the models row, the others find it
+        model_id = store.upsert_model(key, **_model_fields(resolved), recipe=recipe.to_dict(), source="trained",
+                                      checkpoint_path=str(path), checkpoint_sha256=sha, train_summary=summary)
     return model.eval(), model_id, sha
 
 
@@ -291,9 +337,13 @@ def record_result_checks(store: Store, run_id: int) -> None:
 
 
 def _record_checks(store: Store, run_id: int, model: DefendedModel, test: Split, device: torch.device) -> None:
+    """The model checks, stored by rank 0. Every rank computes them, so every rank's random state
+    at the first stage is the one a one-process run has."""
     from bench.capabilities import capability
     from bench.harness.checks import run_checks
 
     x, y = test.images[:64].to(device), test.labels[:64].to(device)
-    for check in run_checks(model, x, y, bool(capability(model, "randomized"))):
-        store.set_check(run_id, check.name, check.triggered, check.detail)
+    checks = run_checks(model, x, y, bool(capability(model, "randomized")))
+    if distributed.is_main():
+        for check in checks:
+            store.set_check(run_id, check.name, check.triggered, check.detail)

@@ -27,6 +27,7 @@ from bench.progress import Progress
 from bench.registry import ATTACKS, CERTIFIERS
 from bench.results.schema import EvalKind
 from bench.results.store import Store
+from bench.training import distributed
 
 if TYPE_CHECKING:
     from bench.data.base import Split
@@ -68,6 +69,8 @@ def scoring_for(model: nn.Module, draws: int, *, randomized: bool | None = None,
 
 
 def _batches(items: Sequence[int], size: int) -> Iterator[tuple[int, list[int]]]:
+    """``(number, members)`` of each batch of ``size`` consecutive ``items``: a batch's members and
+    number (hence its seed) depend only on ``items`` and ``size``, never on the world size."""
     for number, begin in enumerate(range(0, len(items), size)):
         yield number, list(items[begin:begin + size])
 
@@ -77,22 +80,44 @@ def _seed(*parts: int) -> int:
 
 
 class Evaluator:
-    """Runs the stages of one run over its examples, batch by batch, skipping stored rows."""
+    """Runs the stages of one run over its examples, batch by batch, skipping stored rows.
+
+    Sharded (``shard = (rank, world)`` with world > 1, one Evaluator per torchrun rank): rank r
+    computes batches r, r+W, r+2W, ... of every stage. Each batch is formed and seeded as in a
+    one-process run, so the stored rows are identical whatever the world size. A sharded stage
+    ends at a barrier (every rank's rows are then stored) and leaves the evaluation unfinished;
+    every rank then reads the still-robust set from the store, and rank 0's final unsharded pass
+    (which finds every row present) marks the evaluations finished.
+    """
 
     def __init__(self, store: Store, run_id: int, model: DefendedModel, data: Split, device: torch.device,
-                 batch_size: int, seed: int, scoring: Scoring, progress: Progress, frozen: bool = False) -> None:
+                 batch_size: int, seed: int, scoring: Scoring, progress: Progress, frozen: bool = False,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         assert data.indices is not None
         self.store, self.run_id, self.model, self.device = store, run_id, model, device
         self.batch_size, self.seed, self.scoring, self.progress = batch_size, seed, scoring, progress
         self.draws = scoring.draws
         self.score_passes = scoring.passes  # forward passes per example of one scoring
         self.frozen = frozen  # attack one frozen draw (the authors' transfer-draw protocol)
+        self.shard = shard  # (rank, world): this process computes the batches whose number % world == rank
         self.index = [int(i) for i in data.indices.tolist()]
         self.position_of = {ex: pos for pos, ex in enumerate(self.index)}
         self.images, self.labels = data.images, data.labels
         self.task = str(capability(model, "task"))
         self.forward_passes = 0
         self.backward_passes = 0
+
+    def _mine(self, number: int) -> bool:
+        """Whether batch ``number`` of a stage is this process's to compute."""
+        rank, world = self.shard
+        return number % world == rank
+
+    def _end_stage(self, ev: int) -> None:
+        """Unsharded: mark the evaluation finished. Sharded: wait until every rank has stored its rows."""
+        if self.shard[1] == 1:
+            self.store.finish_evaluation(ev)
+        else:
+            distributed.barrier()
 
     def _tensors(self, examples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.tensor([self.position_of[e] for e in examples])
@@ -149,14 +174,14 @@ class Evaluator:
         with self.progress.task("clean", total=len(self.index)) as task:
             for number, examples in batches:
                 todo = [e for e in examples if e not in done]
-                if todo:
+                if todo and self._mine(number):
                     torch.manual_seed(_seed(self.seed, 0, number))
                     x, y = self._tensors(todo)
                     pred, correct_draws, scores = self.score(x, y)
                     self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores),
                                            forward=self.score_passes * len(x))
                 task.advance(len(examples))
-        self.store.finish_evaluation(ev)
+        self._end_stage(ev)
         return self.store.correct_indices(ev)
 
     def certify(self, position: int, spec: CertifySpec, radii: Sequence[float] = ()) -> None:
@@ -173,7 +198,7 @@ class Evaluator:
         with self.progress.task(spec.label, total=len(self.index)) as task:
             for number, examples in _batches(self.index, size):
                 todo = [e for e in examples if e not in done]
-                if todo:
+                if todo and self._mine(number):
                     torch.manual_seed(_seed(self.seed, position, number))
                     x, y = self._tensors(todo)
                     certificates = certifier.certify(self.model, x, y)
@@ -189,7 +214,7 @@ class Evaluator:
                     self.forward_passes += samples
                     self.store.add_results(ev, rows, forward=samples)
                 task.advance(len(examples))
-        self.store.finish_evaluation(ev)
+        self._end_stage(ev)
 
     def attack(self, position: int, spec: AttackSpec, alive: set[int]) -> set[int]:
         """Attack the still-robust examples ``alive``; returns those that survive.
@@ -206,7 +231,7 @@ class Evaluator:
         with self.progress.task(spec.label, total=len(targets)) as task:
             for number, examples in _batches(targets, self.batch_size):
                 todo = [e for e in examples if e not in done]
-                if todo:
+                if todo and self._mine(number):
                     torch.manual_seed(_seed(self.seed, position, number))
                     x, y = self._tensors(todo)
                     try:
@@ -218,7 +243,9 @@ class Evaluator:
                     except AttackNotApplicable as exc:
                         self.progress.log(f"{spec.label}: skipped ({exc})")
                         self.store.skip_evaluation(ev, str(exc))
-                        return alive
+                        if self.shard[1] == 1:
+                            return alive
+                        break  # sharded: meet the other ranks at the stage's end
                     pred, correct_draws, scores = self.score(result.x_adv, y)
                     norms = perturbation_norm(x, result.x_adv, spec.threat.norm)
                     self.forward_passes += result.forward_passes
@@ -227,5 +254,7 @@ class Evaluator:
                                            forward=result.forward_passes + self.score_passes * len(x),
                                            backward=result.backward_passes)
                 task.advance(len(examples))
-        self.store.finish_evaluation(ev)
+        self._end_stage(ev)
+        if self.shard[1] > 1 and any(e.id == ev and e.skipped for e in self.store.evaluations(self.run_id)):
+            return alive  # a rank found the attack not applicable
         return alive & self.store.correct_indices(ev)
