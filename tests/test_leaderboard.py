@@ -17,8 +17,22 @@ from typing import Any
 import pytest
 
 from bench.errors import BenchError
-from bench.results.leaderboard import (DEFENSE, MODEL, ROBUST, RUN_ID, Board, ColumnKey, board_from_summaries,
-                                       latex_escape, render, render_csv, render_json, render_latex, render_markdown)
+from bench.results.leaderboard import (
+    CHECKS,
+    DEFENSE,
+    MODEL,
+    ROBUST,
+    RUN_ID,
+    Board,
+    ColumnKey,
+    board_from_summaries,
+    latex_escape,
+    render_csv,
+    render_json,
+    render_latex,
+    render_markdown,
+)
+from bench.results.render import render
 
 GOLDEN = Path(__file__).parent / "golden"
 RENDERERS = {"md": render_markdown, "tex": render_latex, "csv": render_csv, "json": render_json}
@@ -98,7 +112,8 @@ def test_zero_robust_accuracy_ranks_above_none() -> None:
 def test_empty_board_renders_headers_only() -> None:
     board = board_from_summaries("digits", "pgd@1", [])
     assert board.rows == ()
-    assert render_csv(board) == "Defense,Model,Clean,Robust (worst case),N\n"
+    assert render_csv(board) == ("Defense,Model,Clean,Clean_lo,Clean_hi,Robust (worst case),Robust (worst case)_lo,"
+                                 "Robust (worst case)_hi,N\n")
     assert json.loads(render_json(board))["rows"] == []
 
 
@@ -137,11 +152,15 @@ def test_imbalanced_board_twins_accuracy_columns_and_marks_rows() -> None:
         ("n", "N", "int"),
     ]
     first, second = board.rows
-    assert (first[DEFENSE], second[DEFENSE]) == ("rs", "rs † ‡")  # adaptive@1 is not marked; ranked by robust
+    # adaptive@1 is not marked † but its triggered check (no audit check) is §; ranked by robust
+    assert (first[DEFENSE], second[DEFENSE]) == ("rs §", "rs † ‡")
+    assert first[CHECKS] == ("randomized",) and second[CHECKS] == ("certified_vs_empirical",)
     repeat = ColumnKey("attack", "pgd", "L2", 0.5, repeat=2)
     assert second[repeat] == 0.4 and second[repeat.twin()] == 0.25 and repeat not in first
     assert second[ColumnKey.acr("smoothing")] == 0.1234 and second[ColumnKey.certified("smoothing", 0.25)] == 0.55
     assert board.note.startswith("† randomized defense") and "‡ certificate audit failed" in board.note
+    assert board.note.endswith("§ a check triggered, the number may be wrong (see docs/checks.md and bench show "
+                               "RUN): rs (run 2: randomized)")
     assert json.loads(render_json(board))["rows"][1]["attack:pgd L2 0.5#2:ba"] == 0.25
 
 
@@ -183,7 +202,7 @@ def latex_rows(text: str) -> list[list[str]]:
     rows = []
     for line in body.strip().splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)&", line.removesuffix(r" \\"))]
-        rows.append([re.sub(r"^\\textbf\{(.*)\}$", r"\1", c) for c in cells])
+        rows.append([re.sub(r"^\\textbf\{([^}]*)\}", r"\1", c) for c in cells])
     return rows
 
 
@@ -195,28 +214,35 @@ def test_all_renderers_have_the_same_rows_in_the_same_order(board: Board) -> Non
     md, tex = md_rows(render_markdown(board)), latex_rows(render_latex(board))
     n = len(board.rows)
     assert len(json_rows) == len(csv_body) == len(md) == len(tex) == n == 3
-    assert header == [c.title for c in board.columns] == [c["title"] for c in payload["columns"]]
+    titles = [h for h in header if not h.endswith(("_lo", "_hi"))]
+    assert titles == [c.title for c in board.columns] == [c["title"] for c in payload["columns"]]
     for i, row in enumerate(board.rows):
         assert json_rows[i]["run_id"] == row[RUN_ID]
+        by_title = dict(zip(header, csv_body[i]))
         for j, col in enumerate(board.columns):
             value = row.get(col.key)
             assert json_rows[i][col.key.id] == value
             if col.kind == "accuracy":
                 shown = "-" if value is None else f"{100 * value:.2f}"
-                assert md[i][j] == shown
-                assert tex[i][j] == shown
-                assert csv_body[i][j] == ("" if value is None else repr(value))
+                assert md[i][j].split(" ±")[0] == shown and (value is None) == (" ±" not in md[i][j])
+                assert tex[i][j].split(r"\,")[0] == shown and (value is None) == (r"$\pm$" not in tex[i][j])
+                assert by_title[col.title] == ("" if value is None else repr(value))
+                lo, hi = json_rows[i][f"{col.key.id}_lo"], json_rows[i][f"{col.key.id}_hi"]
+                assert (lo is None) == (value is None)
                 if value is not None:
-                    assert float(csv_body[i][j]) == value  # full precision in CSV
+                    assert float(by_title[col.title]) == value  # full precision in CSV
+                    assert lo <= value <= hi
+                    assert (float(by_title[f"{col.title}_lo"]), float(by_title[f"{col.title}_hi"])) == (lo, hi)
+                    assert float(md[i][j].split(" ±")[1]) == round(100 * max(value - lo, hi - value), 1)
             elif col.kind == "int":
-                assert md[i][j] == tex[i][j] == csv_body[i][j] == str(value)
+                assert md[i][j] == tex[i][j] == by_title[col.title] == str(value)
             else:
                 assert md[i][j] == str(value)
                 assert tex[i][j] == latex_escape(str(value))
-                assert csv_body[i][j] == str(value)
+                assert by_title[col.title] == str(value)
 
 
-def test_latex_bolds_the_best_value_of_each_accuracy_column(board: Board) -> None:
+def test_latex_bolds_the_best_value_of_each_accuracy_column_with_values_to_compare(board: Board) -> None:
     tex = render_latex(board)
     body = tex.split("\\midrule\n")[1].split("\\bottomrule")[0].strip().splitlines()
     raw_cells = [[c.strip() for c in re.split(r"(?<!\\)&", ln.removesuffix(r" \\"))] for ln in body]
@@ -226,8 +252,11 @@ def test_latex_bolds_the_best_value_of_each_accuracy_column(board: Board) -> Non
         if col.kind != "accuracy":
             assert not any(bold), col.key
             continue
-        best = max(v for v in values if v is not None)
-        assert bold == [v == best for v in values], col.key
+        present = [v for v in values if v is not None]
+        if len(present) < 2:  # nothing to compare: no bold (a one-row board has none)
+            assert not any(bold), col.key
+            continue
+        assert bold == [v == max(present) for v in values], col.key
 
 
 def test_latex_escaping() -> None:

@@ -181,3 +181,62 @@ def test_cli_unwritable_output(runs, tmp_path: Path) -> None:
     result = runner.invoke(app, ["plot", str(ids["certified"]), "--db", url,
                                  "--out", str(tmp_path / "missing" / "x")])
     assert_cli_user_error(result, "cannot write")
+
+
+# -- the exact curve from the per-example radii --------------------------------------------------
+def test_exact_points_are_the_step_function_of_the_radii() -> None:
+    from bench.results.plot import exact_points
+
+    # radii 0.3, 0.6, 0.1 of 4 examples: acc(r) = #{radius >= r} / 4, then 0 past the largest
+    assert exact_points([0.3, 0.6, 0.1], 4) == ((0.0, 0.1, 0.3, 0.6, 0.63), (0.75, 0.75, 0.5, 0.25, 0.0))
+    assert exact_points([], 4) == ((0.0,), (0.0,))
+    assert exact_points([0.0, 0.0], 2) == ((0.0, 0.05), (1.0, 0.0))
+
+
+def test_exact_curves_from_stored_radii_agree_with_the_grid_and_carry_a_band(runs) -> None:
+    from bench.results.intervals import clopper_pearson
+    from bench.results.perexample import certified_radii
+
+    url, ids = runs
+    store = Store(url)
+    try:
+        radii = {ids["two_stages"]: certified_radii(store, ids["two_stages"])}
+    finally:
+        store.close()
+    assert sorted(radii[ids["two_stages"]][1]) == [0.1, 0.3, 0.6] and radii[ids["two_stages"]][2] == [0.4]
+    first, second = curves(_summaries(url, ids["two_stages"]), radii)
+    grid = curves(_summaries(url, ids["two_stages"]))
+    for exact, coarse in ((first, grid[0]), (second, grid[1])):
+        assert exact.exact and not coarse.exact and exact.label == coarse.label
+        for r, acc in zip(coarse.radii, coarse.accuracies):  # the exact curve passes through the grid values
+            # drawn with where="pre", the value at r is the one of the first point at or after r
+            at = next((a for x, a in zip(exact.radii, exact.accuracies) if x >= r), 0.0)
+            assert at == pytest.approx(acc)
+        assert len(exact.lower) == len(exact.upper) == len(exact.radii)
+        assert all(lo <= a <= hi for lo, a, hi in zip(exact.lower, exact.accuracies, exact.upper))
+    assert first.radii == (0.0, 0.1, 0.3, 0.6, 0.63)
+    assert (first.lower[2], first.upper[2]) == clopper_pearson(2, N)
+
+
+def test_plot_says_when_runs_use_different_example_sets(runs, tmp_path: Path) -> None:
+    from bench.results.plot import mixed_examples
+
+    url, ids = runs
+    same = curves(_summaries(url, ids["certified"], ids["two_stages"]))
+    assert mixed_examples(same) == ""  # the same indices, the same hash
+    other = [Curve(1, "a", (0.0,), (1.0,), examples="aaa"), Curve(2, "b", (0.0,), (1.0,), examples="bbb")]
+    assert mixed_examples(other).startswith("runs on 2 different example sets")
+    store = Store(url)
+    try:
+        store.update_run(ids["l2_only"], indices_hash="other-set")
+    finally:
+        store.close()
+    try:
+        result = runner.invoke(app, ["plot", str(ids["certified"]), str(ids["l2_only"]), "--db", url,
+                                     "-o", str(tmp_path / "p"), "-f", "svg"])
+        assert result.exit_code == 0, result.stderr
+        assert "different example sets" in result.stderr and (tmp_path / "p.svg").exists()
+    finally:
+        store = Store(url)
+        store.update_run(ids["l2_only"], indices_hash=None)
+        store.close()

@@ -28,7 +28,8 @@ def _store(db: str | None) -> Any:
 def _stored_or_executed(resolved: Any, db: str | None) -> tuple[Any, int, bool, Any]:
     """The run ``resolved`` as stored (finished), else prepared and executed: ``(store, run_id,
     stored, progress)``. Nothing is created on disk until :func:`prepare` has checked every input
-    (parameters, dataset files, checkpoint); a finished run is looked up without importing torch."""
+    (parameters, dataset files, checkpoint); a finished run is looked up without importing torch.
+    Under torchrun every rank executes its share of the run; only rank 0 shows progress."""
     from bench.results.schema import RunStatus
     from bench.results.store import Store, resolve_url
 
@@ -39,12 +40,17 @@ def _stored_or_executed(resolved: Any, db: str | None) -> tuple[Any, int, bool, 
         return store, existing.id, True, None
     from bench.cli.output import stderr
     from bench.harness.runner import execute, prepare
-    from bench.progress import RichProgress
+    from bench.progress import Progress, RichProgress
+    from bench.training import distributed
 
-    progress = RichProgress(stderr)
+    progress = RichProgress(stderr) if distributed.is_main() else Progress()
     prepared = prepare(resolved, progress)
-    store = store or Store(url, create=True)
-    return store, execute(prepared, store, progress), False, progress
+    distributed.init(resolved.device)  # torchrun: join the process group (nothing in a world of size 1)
+    with distributed.main_first():  # rank 0 creates the store, the other ranks open it
+        store = store or Store(url, create=True)
+    run_id = execute(prepared, store, progress)
+    distributed.shutdown()
+    return store, run_id, False, progress
 
 
 def _parse_hparams(items: list[str], option: str = "--hparam") -> tuple[tuple[str, Any], ...]:
@@ -89,9 +95,11 @@ def run(
     dataset: Annotated[str, typer.Option("--dataset", help="Dataset registry name.")] = "digits",
     protocol: Annotated[Optional[str], typer.Option(help="Named protocol, e.g. pgd or pgd@1 [default: pgd].",
                                                     show_default=False)] = None,
-    attack: Annotated[Optional[list[str]], typer.Option("--attack", help="Custom protocol: attack name (repeatable).")] = None,
+    attack: Annotated[Optional[list[str]], typer.Option("--attack",
+                                                        help="Custom protocol: attack name (repeatable).")] = None,
     norm: Annotated[Optional[str], typer.Option(help="Custom protocol: Linf or L2.")] = None,
-    eps: Annotated[Optional[list[str]], typer.Option("--eps", help="Custom protocol: eps, e.g. 0.1 or 8/255 (repeatable).")] = None,
+    eps: Annotated[Optional[list[str]], typer.Option(
+        "--eps", help="Custom protocol: eps, e.g. 0.1 or 8/255 (repeatable).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Custom protocol: attack steps.")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Custom protocol: attack restarts.")] = None,
     attack_param: Annotated[Optional[list[str]], typer.Option(
@@ -99,11 +107,13 @@ def run(
         "attack does not take goes to the attack it wraps (eot, bpda), e.g. draws=8 steps=5.")] = None,
     draws: Annotated[Optional[int], typer.Option(help="Custom protocol: R, the draws scoring a randomized model "
                                                  "(default 10).")] = None,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", "-n", help="Evaluate a seeded subset of this size.")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", "-n",
+                                                      help="Evaluate a seeded subset of this size.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for training, the example subset and attacks.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    recipe: Annotated[str, typer.Option(help="Training recipe: auto (cpu preset without a GPU), paper or cpu.")] = "auto",
+    recipe: Annotated[str, typer.Option(
+        help="Training recipe: auto (cpu preset without a GPU), paper or cpu.")] = "auto",
     epochs: Annotated[Optional[int], typer.Option(help="Override the recipe's number of epochs.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Load this checkpoint instead of training.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Dataset root [default: $BENCH_DATA/<dataset>].")] = None,
@@ -111,7 +121,8 @@ def run(
     split: Annotated[str, typer.Option(help="Split to evaluate, e.g. test, val, isic2018-test.")] = "test",
     download: Annotated[bool, typer.Option("--download", help="Let datasets that support it (CIFAR) download "
                                            "their files (needs internet).")] = False,
-    hparam: Annotated[Optional[list[str]], typer.Option("--hparam", help="Defense hyperparameter key=value (repeatable).")] = None,
+    hparam: Annotated[Optional[list[str]], typer.Option(
+        "--hparam", help="Defense hyperparameter key=value (repeatable).")] = None,
     certify: Annotated[Optional[list[str]], typer.Option("--certify", help="Certifier (repeatable): smoothing, "
                                                          "lipschitz [default with certification options: the "
                                                          "defense's own certificates].")] = None,
@@ -158,6 +169,10 @@ def run(
     )
     resolved = resolve(config)  # validates the options before any store is looked at
     store, run_id, stored, progress = _stored_or_executed(resolved, db)
+    from bench.training.distributed import is_main
+
+    if not is_main():
+        return  # under torchrun only rank 0 reports (and escalates); the other ranks print nothing
     if escalate:
         from bench.cli.output import stderr
         from bench.harness.escalate import escalate as run_remedies
@@ -175,7 +190,8 @@ def run(
     if config.n_examples is not None and config.n_examples > summary["n_examples"]:
         warn(f"-n {config.n_examples} exceeds the split: evaluated all {summary['n_examples']} examples")
     elif config.n_examples is not None:
-        warn(f"evaluated a seeded subset of {summary['n_examples']} examples: compare only with runs on the same subset")
+        warn(f"evaluated a seeded subset of {summary['n_examples']} examples: "
+             "compare only with runs on the same subset")
     if as_json:
         from bench.cli.output import print_json
 
@@ -194,7 +210,8 @@ def attack(
     norm: Annotated[Optional[str], typer.Option(help="Linf or L2 [default: each of the run's threat models].",
                                                 show_default=False)] = None,
     eps: Annotated[Optional[list[str]], typer.Option("--eps", help="eps, e.g. 0.1 or 8/255 (repeatable) "
-                                                     "[default: the run's eps for the norm].", show_default=False)] = None,
+                                                     "[default: the run's eps for the norm].",
+                                                     show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Attack steps.")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Attack restarts.")] = None,
     attack_param: Annotated[Optional[list[str]], typer.Option(
@@ -287,7 +304,8 @@ def list_(
     registries = {"defenses": DEFENSES, "attacks": ATTACKS, "certifiers": CERTIFIERS, "datasets": DATASETS}
     chosen = {what.value: registries[what.value]} if what else registries
     if as_json:
-        print_json({kind: [{"name": n, "summary": reg.summary(n)} for n in reg.names()] for kind, reg in chosen.items()})
+        print_json({kind: [{"name": n, "summary": reg.summary(n)} for n in reg.names()]
+                    for kind, reg in chosen.items()})
         return
     for kind, reg in chosen.items():
         table = Table(title=kind)
@@ -324,8 +342,9 @@ def _list_runs(dataset: str | None, db: str | None, as_json: bool) -> None:
     from bench.cli.output import print_json, stdout
 
     runs = _store(db).list_runs(dataset=dataset)
-    items = [{"run_id": r.id, "defense": r.defense, "dataset": r.dataset, "protocol": f"{r.protocol}@{r.protocol_version}",
-              "status": r.status.value, "n_examples": r.n_examples, "wall_time_s": r.wall_time_s,
+    items = [{"run_id": r.id, "defense": r.defense, "dataset": r.dataset,
+              "protocol": f"{r.protocol}@{r.protocol_version}", "status": r.status.value,
+              "n_examples": r.n_examples, "wall_time_s": r.wall_time_s,
               "created_at": r.created_at.isoformat() if r.created_at else None} for r in runs]
     if as_json:
         print_json(items)
@@ -392,6 +411,14 @@ class Format(str, Enum):
     latex = "latex"
     csv = "csv"
     json = "json"
+    html = "html"
+
+
+class LatexLayout(str, Enum):
+    auto = "auto"
+    wide = "wide"
+    narrow = "narrow"
+    transposed = "transposed"
 
 
 @app.command()
@@ -401,20 +428,37 @@ def leaderboard(
     protocol: Annotated[Optional[str], typer.Option(help="Protocol name[@version] [default: the most used].",
                                                     show_default=False)] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+                                                   help="Write to this file instead of stdout.")] = None,
+    latex_layout: Annotated[LatexLayout, typer.Option(
+        "--latex-layout", help="latex: auto (by column count), wide (table*), narrow (one column) or transposed "
+        "(defenses as columns).")] = LatexLayout.auto,
+    caption: Annotated[Optional[str], typer.Option(help="latex: the table's caption [default: dataset, protocol "
+                                                   "and what was left out].", show_default=False)] = None,
+    label: Annotated[Optional[str], typer.Option(help="latex: the table's label [default: tab:leaderboard-DATASET].",
+                                                 show_default=False)] = None,
+    references: Annotated[Optional[list[Path]], typer.Option(
+        "--references", help="A references file of your own (the format of `bench references`); loaded into the "
+        "store beside the packaged published numbers. Repeatable.", show_default=False)] = None,
+    rank_by: Annotated[str, typer.Option("--rank-by", help="The column that ranks the rows: robust (default), "
+                                         "clean, certified@R, or certified:CERTIFIER@R. ACR never ranks.")] = "robust",
     db: DbOpt = None,
 ) -> None:
     """Rank defenses on a dataset: clean, per-attack, worst-case robust and certified accuracy."""
     from bench.cli.output import stdout
-    from bench.results.leaderboard import build_board, render, render_rich
+    from bench.results.leaderboard import LatexOptions, build_board, render_rich
+    from bench.results.render import render
 
-    board = build_board(_store(db), dataset, protocol)
+    store = _store(db)
+    from bench.results.ranking import rank_board
+
+    board = _with_published(store, rank_board(build_board(store, dataset, protocol), rank_by), references or [])
     if fmt is Format.table:
         if output is not None:
-            raise BenchError("--format table prints to the terminal; use md, latex, csv or json with -o")
-        stdout.print(render_rich(board))
+            raise BenchError("--format table prints to the terminal; use md, latex, csv, json or html with -o")
+        stdout.print(render_rich(board, stdout.width))
         return
-    text = render(board, fmt.value)
+    text = render(board, fmt.value, LatexOptions(latex_layout.value, caption, label))
     if output is None:
         typer.echo(text, nl=False)
         return
@@ -442,14 +486,20 @@ def plot(
     fmt: Annotated[PlotFormat, typer.Option("--format", "-f", help="File format(s) to write.")] = PlotFormat.both,
     db: DbOpt = None,
 ) -> None:
-    """Plot certified accuracy against L2 radius, one curve per run and certifier, with empirical L2
+    """Plot certified accuracy against L2 radius, one curve per run and certifier (the exact step
+    function of the stored per-example radii, with its 95% Clopper-Pearson band), with empirical L2
     robust accuracy as points; prints the written paths."""
-    from bench.results.plot import FORMATS, curves, draw
+    from bench.cli.output import warn
+    from bench.results.perexample import certified_radii
+    from bench.results.plot import FORMATS, curves, draw, mixed_examples
     from bench.results.queries import run_summary
 
     ids = list(dict.fromkeys(run_ids))
     store = _store(db)
-    plotted = curves([run_summary(store, run_id) for run_id in ids])
+    plotted = curves([run_summary(store, run_id) for run_id in ids],
+                     {run_id: certified_radii(store, run_id) for run_id in ids})
+    if mixed_examples(plotted):
+        warn(mixed_examples(plotted))
     default = Path(f"bench-plot-{'-'.join(str(i) for i in ids)}")
     if out is None:
         stem = default
@@ -475,8 +525,8 @@ def audit(
     """Try to break a run's certificates (declared Lipschitz bound, attacks inside certified radii,
     certified vs empirical accuracy); stores and prints each check. Exit status 0 even when a check
     triggers: the outcome is a result."""
-    from bench.harness.audit import audit_run
     from bench.cli.output import stderr, stdout
+    from bench.harness.audit import audit_run
     from bench.progress import RichProgress
 
     if examples < 1:
@@ -489,3 +539,202 @@ def audit(
         return
     for check in checks:
         stdout.print(f"{check.name}: {'TRIGGERED' if check.triggered else 'OK'} - {check.detail}", markup=False)
+
+
+def _with_published(store: Any, board: Any, files: list[Path]) -> Any:
+    """``board`` with the published rows of its defenses: the packaged references and ``files``
+    are first loaded into ``store`` (idempotently, keyed by record id); a store that cannot be
+    written (read-only) is left as it is, with a warning, and the files' references are shown."""
+    from bench.cli.output import warn
+    from bench.errors import StoreError
+    from bench.results.references import add_published, from_references, from_rows, load_references, sync_references
+
+    refs = load_references(files)
+    try:
+        sync_references(store, refs.records)
+    except StoreError as exc:
+        warn(f"published numbers not loaded into the store ({exc}); shown from the reference files")
+        return add_published(board, from_references(refs.for_dataset(board.dataset)))
+    return add_published(board, from_rows(store.references(board.dataset), refs))
+
+
+class ReferenceFormat(str, Enum):
+    table = "table"
+    md = "md"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("references")
+@user_errors
+def references_(
+    dataset: Annotated[Optional[str], typer.Option(help="Only the published numbers on this dataset.",
+                                                   show_default=False)] = None,
+    fmt: Annotated[ReferenceFormat, typer.Option("--format", "-f", help="Output format.")] = ReferenceFormat.table,
+    references: Annotated[Optional[list[Path]], typer.Option(
+        "--references", help="A references file of your own, listed with the packaged ones (same format; "
+        "a record with an id already present replaces it). Repeatable.", show_default=False)] = None,
+    db: Annotated[Optional[str], typer.Option("--db", help="Also load them into this result store's references "
+                                              "table (an existing store; idempotent).", show_default=False)] = None,
+) -> None:
+    """List the published numbers (paper, table, protocol, value and source) that the leaderboard
+    shows beside measured rows."""
+    from bench.results.references import load_references, render_references, rich_references, sync_references
+
+    refs = load_references(references or [])
+    if db is not None:
+        sync_references(_store(db), refs.records)
+    chosen = refs.for_dataset(dataset)
+    if fmt is ReferenceFormat.table:
+        from bench.cli.output import stdout
+
+        stdout.print(rich_references(chosen))
+        return
+    typer.echo(render_references(chosen, fmt.value), nl=False)
+
+
+@app.command()
+@user_errors
+def compare(
+    run_a: Annotated[int, typer.Argument(help="The first run (see `bench list runs`).")],
+    run_b: Annotated[int, typer.Argument(help="The second run.")],
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare two runs example by example: per stage, the examples correct in one run and not the
+    other, and McNemar's exact test on them. Runs on different example sets are compared on the
+    examples both evaluated."""
+    from bench.results.compare import compare_runs
+
+    comparison = compare_runs(_store(db), run_a, run_b)
+    if as_json:
+        from bench.cli.output import print_json
+
+        print_json(comparison.to_dict())
+        return
+    from rich.table import Table
+
+    from bench.cli.output import stdout
+
+    table = Table(title=f"run {run_a} (A) vs run {run_b} (B) · {comparison.common} common examples",
+                  caption=comparison.note or None)
+    for title in ("stage", "examples", "A correct", "B correct", "only A", "only B", "McNemar p"):
+        table.add_column(title, justify="left" if title == "stage" else "right")
+    for s in comparison.stages:
+        table.add_row(s.stage, str(s.n), str(s.correct_a), str(s.correct_b), str(len(s.only_a)), str(len(s.only_b)),
+                      f"{s.p_value:.3g}")
+    stdout.print(table)
+
+
+@app.command()
+@user_errors
+def delete(
+    run_id: Annotated[int, typer.Argument(help="The run to delete (see `bench list runs`).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Delete a run: its row, evaluations, per-example rows and checks. The model and its
+    checkpoint file are kept."""
+    from bench.results.compare import delete_run, run_contents
+    from bench.results.queries import get_run_or_fail
+
+    store = _store(db)
+    run = get_run_or_fail(store, run_id)
+    counts = run_contents(store, run_id)
+    what = (f"run {run_id} ({run.defense} on {run.dataset}, protocol {run.protocol}@{run.protocol_version}, "
+            f"{run.status.value}) with {counts['evaluations']} evaluation(s), {counts['example_results']} "
+            f"per-example row(s) and {counts['checks']} check(s)")
+    if not yes and not _confirmed(f"delete {what}? The model and its checkpoint file are kept"):
+        typer.echo("nothing deleted", err=True)
+        return
+    delete_run(store, run_id)
+    typer.echo(f"deleted {what}")
+
+
+def _confirmed(question: str) -> bool:
+    """The user's yes/no answer on the terminal; no answer (end of input) is a no."""
+    try:
+        return bool(typer.confirm(question, default=False))
+    except typer.Abort:
+        return False
+
+
+@app.command("export")
+@user_errors
+def export_(
+    run_id: Annotated[int, typer.Argument(help="The finished run to export (see `bench list runs`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The capsule file to write "
+                                         "(gzip'd JSON, e.g. run.bench.json.gz).")],
+    db: DbOpt = None,
+) -> None:
+    """Export a finished run as a provenance capsule: its resolved configuration, protocol,
+    provenance, model (checkpoint sha256), every per-example row and every check."""
+    from bench.results.capsule import export_run, write_capsule
+
+    capsule = export_run(_store(db), run_id)
+    rows = sum(len(ev["rows"]) for ev in capsule["evaluations"])
+    write_capsule(capsule, output)
+    typer.echo(f"exported run {run_id} ({len(capsule['evaluations'])} evaluation(s), {rows} per-example row(s), "
+               f"{len(capsule['checks'])} check(s)) to {output}")
+
+
+@app.command("import")
+@user_errors
+def import_(
+    capsule_file: Annotated[Path, typer.Argument(help="A capsule written by `bench export`.")],
+    db: DbOpt = None,
+) -> None:
+    """Add a capsule's run to a result store (created if needed); importing it again adds nothing."""
+    from bench.results.capsule import import_capsule, read_capsule
+    from bench.results.store import Store
+
+    capsule = read_capsule(capsule_file)
+    outcome = import_capsule(Store(db, create=True), capsule)
+    run = capsule["run"]
+    what = f"{run['defense']} on {run['dataset']}, protocol {run['protocol']}@{run['protocol_version']}"
+    if outcome.added:
+        typer.echo(f"imported run {outcome.run_id} ({what})")
+    else:
+        typer.echo(f"already stored as run {outcome.run_id} ({what}); nothing added")
+
+
+@app.command()
+@user_errors
+def verify(
+    capsule_file: Annotated[Path, typer.Argument(help="A capsule written by `bench export`.")],
+    examples: Annotated[str, typer.Option("--examples", help="How many seeded examples to re-run, or 'all'.")] = "16",
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="The model checkpoint [default: the "
+                                                      "path the capsule records]; its sha256 must match.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the choice of examples.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Re-run K seeded examples of a capsule's run (each in its original seeded batch) and compare
+    them with the stored rows, stage by stage. Exit status 0 only when every re-run example
+    agrees (docs/publishing.md, "Provenance capsules"); 1 on a disagreement or a checkpoint that
+    is not the capsule's; 2 on bad input."""
+    from bench.harness.verify import verify_capsule
+    from bench.results.capsule import read_capsule
+
+    if examples.strip().lower() == "all":
+        k: int | None = None
+    else:
+        try:
+            k = int(examples)
+        except ValueError:
+            raise BenchError(f"invalid --examples {examples!r}: a positive integer or 'all'") from None
+        if k < 1:
+            raise BenchError(f"invalid --examples {k}: must be >= 1")
+    result = verify_capsule(read_capsule(capsule_file), examples=k, checkpoint=checkpoint, seed=seed,
+                            device=device)
+    for stage in result.stages:
+        state = ("skipped" if stage.skipped else "AGREES" if stage.disagreement is None else "DISAGREES")
+        typer.echo(f"stage {stage.position} {stage.label}: {state} ({stage.compared} example(s) compared, "
+                   f"{stage.batches} batch(es) re-run)")
+    first = result.first_disagreement
+    if result.checkpoint_mismatch is not None:
+        typer.echo(f"verify failed: {result.checkpoint_mismatch}", err=True)
+    if first is not None:
+        typer.echo(f"verify failed: stage {first.position} {first.label}, {first.disagreement}", err=True)
+    if not result.ok:
+        raise typer.Exit(code=1)
+    typer.echo(f"verified: {len(result.examples)} example(s) agree in every stage")

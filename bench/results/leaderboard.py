@@ -27,11 +27,12 @@ from bench.results.stored import StoredConfig
 from bench.results.types import AttackRow, RunSummary
 
 __all__ = ["CLEAN", "DEFENSE", "FORMATS", "MODEL", "N", "ROBUST", "RUN_ID", "Board", "Column", "ColumnKey", "Row",
-           "board_from_summaries", "build_board", "render"]
+           "board_from_summaries", "build_board"]
 
-FORMATS = ("table", "md", "latex", "csv", "json")
+FORMATS = ("table", "md", "latex", "csv", "json", "html")
 
-ColumnKind = Literal["defense", "model", "run_id", "clean", "attack", "robust", "certified", "acr", "n"]
+ColumnKind = Literal["defense", "model", "run_id", "clean", "attack", "robust", "certified", "acr", "n",
+                     "checks", "details"]
 _FIXED_TITLES = {"defense": "Defense", "model": "Model", "run_id": "Run", "clean": "Clean",
                  "robust": "Robust (worst case)", "n": "N"}
 
@@ -106,8 +107,11 @@ class ColumnKey:
 
 DEFENSE, MODEL, RUN_ID = ColumnKey("defense"), ColumnKey("model"), ColumnKey("run_id")
 CLEAN, ROBUST, N = ColumnKey("clean"), ColumnKey("robust"), ColumnKey("n")
+# row keys that are no column: the names of the row's triggered checks, and its details (protocol,
+# examples, provenance summary) for the renderers that show them (html)
+CHECKS, DETAILS = ColumnKey("checks"), ColumnKey("details")
 
-Row = dict[ColumnKey, Any]  # a board row: column key -> value (plus RUN_ID, which is not a column)
+Row = dict[ColumnKey, Any]  # a board row: column key -> value (plus RUN_ID, CHECKS, DETAILS: no columns)
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[RunSum
     rows: list[Row] = []
     imbalanced = False
     non_adaptive = unsound = 0
+    flagged: list[str] = []  # "defense: check, check" of the rows marked §
     for summary in summaries:
         imbalanced |= bool(summary.get("imbalanced"))
         mark = ""
@@ -161,13 +166,19 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[RunSum
             mark, non_adaptive = " †", non_adaptive + 1
         if _unsound_certificate(summary):
             mark, unsound = mark + " ‡", unsound + 1
+        other = _other_triggered_checks(summary)
+        if other:
+            mark += " §"
+            flagged.append(f"{summary['defense']} (run {summary['run_id']}: {', '.join(other)})")
         rows.append(_row(summary, mark))
     columns = _columns(rows, imbalanced)
     rows.sort(key=lambda r: (r.get(ROBUST) is None, -(r.get(ROBUST) or 0.0), -(r.get(CLEAN) or 0.0),
                              r[DEFENSE], r[RUN_ID]))
     notes = [("† randomized defense evaluated with a non-adaptive protocol: its robust accuracy is likely "
               "overestimated") if non_adaptive else "",
-             "‡ certificate audit failed (bench audit): its certified accuracy is not trustworthy" if unsound else ""]
+             "‡ certificate audit failed (bench audit): its certified accuracy is not trustworthy" if unsound else "",
+             ("§ a check triggered, the number may be wrong (see docs/checks.md and bench show RUN): "
+              + ", ".join(flagged)) if flagged else ""]
     return Board(dataset, protocol, columns, tuple(rows), "; ".join(filter(None, notes)))
 
 
@@ -195,7 +206,23 @@ def _row(summary: RunSummary, mark: str) -> Row:
     for block in summary.get("certificate", []):
         row[ColumnKey.acr(block["certifier"])] = block.get("average_radius")
     row[N] = summary["n_examples"]
+    row[CHECKS] = tuple(c["name"] for c in summary.get("checks", []) if c["triggered"])
+    row[DETAILS] = _details(summary)
     return row
+
+
+def _details(summary: RunSummary) -> dict[str, Any]:
+    """A row's details for the renderers that show them: protocol, examples and a provenance summary."""
+    provenance = summary.get("provenance") or {}
+    model: dict[str, Any] = dict(summary.get("model") or {})
+    git = provenance.get("git") or {}
+    return {key: value for key, value in {
+        "run": summary["run_id"], "protocol": summary.get("protocol"), "examples": summary["n_examples"],
+        "indices": str(provenance.get("indices_hash") or "")[:12] or None, "seed": provenance.get("seed"),
+        "bench": provenance.get("bench_version"), "commit": str(git.get("commit") or "")[:12] or None,
+        "device": provenance.get("gpu") or provenance.get("device"),
+        "checkpoint": str(model.get("checkpoint_sha256") or "")[:16] or None,
+        "started": provenance.get("started_at")}.items() if value not in (None, "")}
 
 
 def _columns(rows: Iterable[Row], imbalanced: bool) -> tuple[Column, ...]:
@@ -218,6 +245,11 @@ def _unsound_certificate(summary: RunSummary) -> bool:
     return any(c["triggered"] for c in summary.get("checks", []) if c["name"] in UNSOUND_CHECKS)
 
 
+def _other_triggered_checks(summary: RunSummary) -> list[str]:
+    """The names of the triggered checks that the ‡ mark does not already cover."""
+    return [c["name"] for c in summary.get("checks", []) if c["triggered"] and c["name"] not in UNSOUND_CHECKS]
+
+
 def _randomized_non_adaptive(summary: RunSummary) -> bool:
     """A defense that declared itself randomized, evaluated under a protocol that is not adaptive."""
     randomized = StoredConfig.from_json(summary.get("config")).randomized
@@ -225,13 +257,17 @@ def _randomized_non_adaptive(summary: RunSummary) -> bool:
 
 
 def build_board(store: Store, dataset: str, protocol: str | None = None) -> Board:
-    """The leaderboard of ``dataset`` under ``protocol`` (default: the most used protocol there)."""
+    """The leaderboard of ``dataset`` under ``protocol`` (default: the protocol with the most
+    finished runs there, ties favouring ``pgd@1``). The board's note says which protocol was taken
+    and why, and how many runs it left out for each reason (other protocols, other example
+    subsets, older runs of the same defense and model); nothing is left out silently."""
     from bench.results.queries import run_summary
 
     runs = store.list_runs(dataset=dataset, status=RunStatus.FINISHED)
     if not runs:
         raise BenchError(f"no finished runs for dataset '{dataset}' in {store.url}")
     keys = [f"{r.protocol}@{r.protocol_version}" for r in runs]
+    defaulted = protocol is None
     if protocol is None:
         protocol = max(sorted(set(keys)), key=lambda k: (keys.count(k), k == "pgd@1"))
     elif "@" not in protocol:
@@ -249,13 +285,28 @@ def build_board(store: Store, dataset: str, protocol: str | None = None) -> Boar
     (subset_hash, n), members = max(by_subset.items(),
                                     key=lambda kv: (len({(r.defense, r.model_id) for r in kv[1]}), kv[0][1] or 0))
     left_out = len(chosen) - len(members)
-    note = (f"{left_out} run(s) on other example subsets left out; ranked on {n} examples "
+    note = (f"{left_out} run(s) on other example subsets left out, ranked on {n} examples "
             f"(indices {str(subset_hash)[:12]})" if left_out else "")
     latest: dict[Any, Any] = {}
     for run in members:  # ordered by id: the latest run of each (defense, model) wins
         latest[(run.defense, run.model_id)] = run
+    older = len(members) - len(latest)
+    notes = [protocol_note(protocol, keys, defaulted), note,
+             f"{older} older run(s) of the same defense and model left out (the latest counts)" if older else ""]
     board = board_from_summaries(dataset, protocol, (run_summary(store, r.id) for r in latest.values()))
-    return Board(board.dataset, board.protocol, board.columns, board.rows, "; ".join(filter(None, [note, board.note])))
+    return Board(board.dataset, board.protocol, board.columns, board.rows,
+                 "; ".join(filter(None, [*notes, board.note])))
+
+
+def protocol_note(protocol: str, keys: list[str], defaulted: bool) -> str:
+    """Which protocol a board shows and why, and the runs of other protocols it leaves out
+    (``keys``: the ``name@version`` of every finished run of the dataset); "" when there are none
+    and the protocol was asked for."""
+    others = {k: keys.count(k) for k in sorted(set(keys)) if k != protocol}
+    why = f"protocol {protocol}: the one with the most finished runs ({keys.count(protocol)})" if defaulted else ""
+    left = (f"{sum(others.values())} run(s) of other protocols left out ("
+            + ", ".join(f"{k}: {n}" for k, n in others.items()) + "), choose one with --protocol") if others else ""
+    return ", ".join(filter(None, [why, left])) if others else ""
 
 
 # -- renderers (pure) --------------------------------------------------------------------
@@ -271,54 +322,220 @@ def _cell(column: Column, value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def cell_text(column: Column, value: Any) -> str:
+    """A value as the text formats show it (percent with two decimals, radius with three, "-")."""
+    return _cell(column, value)
+
+
+INTERVAL_NOTE = "±: 95% Clopper-Pearson interval (its larger side)"
+
+
+def has_interval(column: Column) -> bool:
+    """Whether ``column`` holds accuracies with a confidence interval: every accuracy column but
+    the balanced-accuracy twins (a mean of per-class recalls is no binomial proportion)."""
+    return column.kind == "accuracy" and not column.key.balanced
+
+
+def interval(column: Column, row: Row) -> tuple[float, float] | None:
+    """The 95% Clopper-Pearson interval of ``row``'s accuracy under ``column`` over the row's N
+    examples; None where there is no count behind the value (no N, as on published rows; an
+    accuracy averaged over random draws; a balanced accuracy)."""
+    from bench.results.intervals import accuracy_interval
+
+    return accuracy_interval(row.get(column.key), row.get(N)) if has_interval(column) else None
+
+
+def cell_with_interval(column: Column, row: Row) -> str:
+    """:func:`cell_text` followed, where there is an interval, by `` ±h``: ``h`` the interval's
+    larger side in percentage points (one decimal), so ``value ± h`` contains the exact interval."""
+    value = row.get(column.key)
+    text, ci = _cell(column, value), interval(column, row)
+    if ci is None or value is None:
+        return text
+    return f"{text} ±{100 * max(value - ci[0], ci[1] - value):.1f}"
+
+
+ROW_MARKS = ("†", "‡", "§")  # after the defense name: see board_from_summaries
+
+
+def strip_marks(defense: str) -> str:
+    """A row's defense label without its marks."""
+    return " ".join(part for part in defense.split(" ") if part not in ROW_MARKS)
+
+
+def row_kind(row: Row) -> str:
+    """``measured`` (a stored run's row), ``published`` (the authors' numbers) or ``difference``
+    (measured - published), by how :mod:`bench.results.references` labels its rows."""
+    if row.get(RUN_ID) is not None:
+        return "measured"
+    return "difference" if "Δ" in str(row.get(DEFENSE, "")) else "published"
+
+
 def render_markdown(board: Board) -> str:
     header = [c.title for c in board.columns]
     align = ["---" if c.kind == "text" else "---:" for c in board.columns]
-    lines = [f"Leaderboard: {board.dataset}, protocol {board.protocol} (accuracy in %)", "",
+    lines = [f"Leaderboard: {board.dataset}, protocol {board.protocol} (accuracy in %; {INTERVAL_NOTE})", "",
              *([f"Note: {board.note}", ""] if board.note else []),
              "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for row in board.rows:
-        cells = [_cell(c, row.get(c.key)).replace("|", "\\|") for c in board.columns]
+        cells = [cell_with_interval(c, row).replace("|", "\\|") for c in board.columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "†": r"\textdagger{}", "‡": r"\textdaggerdbl{}", "·": r"\textperiodcentered{}", "§": r"\S{}"}
 
 
 def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def render_latex(board: Board) -> str:
-    best = {c.key: max((r[c.key] for r in board.rows if r.get(c.key) is not None), default=None)
-            for c in board.columns if c.kind == "accuracy"}
-    spec = "".join("l" if c.kind == "text" else "r" for c in board.columns)
-    lines = [r"% requires \usepackage{booktabs}",
+LATEX_LAYOUTS = ("auto", "wide", "narrow", "transposed")
+_NARROW_MAX_COLUMNS = 6  # a one-column `table` of a two-column paper holds about this many
+_WIDE_MAX_COLUMNS = 13  # a `table*` across both columns holds about this many
+_TRANSPOSED_MAX_ROWS = 8  # transposed, each row becomes a column: only for a few rows
+_NORM_MATH = {"Linf": r"\ell_\infty", "L2": r"\ell_2", "L1": r"\ell_1", "L0": r"\ell_0"}
+
+
+@dataclass(frozen=True)
+class LatexOptions:
+    """How :func:`render_latex` lays a board out: ``layout`` is one of :data:`LATEX_LAYOUTS`;
+    ``caption`` and ``label`` default to the board's description and ``tab:leaderboard-DATASET``."""
+
+    layout: str = "auto"
+    caption: str | None = None
+    label: str | None = None
+
+
+def latex_layout(board: Board) -> str:
+    """The layout ``auto`` chooses, by column count: ``narrow`` (a one-column ``table``) up to
+    6 columns, ``wide`` (a ``table*`` across both columns) up to 13, beyond that ``transposed``
+    (defenses as columns) when the board has at most 8 rows, else ``wide``. Every layout is
+    shrunk to the line width when it would not fit (never enlarged), so none overflows."""
+    if len(board.columns) <= _NARROW_MAX_COLUMNS:
+        return "narrow"
+    if len(board.columns) <= _WIDE_MAX_COLUMNS or len(board.rows) > _TRANSPOSED_MAX_ROWS:
+        return "wide"
+    return "transposed"
+
+
+def latex_title_lines(key: ColumnKey) -> list[str]:
+    """A column's LaTeX header, one entry per stacked line, with math-mode norms, eps and radii."""
+    if key.kind == "attack":
+        assert key.eps is not None
+        norm = f"${_NORM_MATH[key.norm]}$" if key.norm in _NORM_MATH else latex_escape(str(key.norm))
+        lines = [latex_escape(key.method) + (rf" \#{key.repeat}" if key.repeat > 1 else ""), norm,
+                 f"$\\epsilon = {format_eps(key.eps)}$"]
+    elif key.kind == "certified":
+        lines = [latex_escape(key.method), f"certified at $r = {key.radius:g}$"]
+    elif key.kind == "acr":
+        lines = [latex_escape(key.method), "ACR"]
+    elif key.kind == "robust":
+        lines = ["Robust", "(worst case)"]
+    else:
+        lines = [latex_escape(_FIXED_TITLES[key.kind])]
+    return lines + (["(BA)"] if key.balanced else [])
+
+
+def _stacked(lines: list[str], align: str) -> str:
+    """Lines stacked in one cell (a nested tabular: needs no package beyond booktabs)."""
+    if len(lines) == 1:
+        return lines[0]
+    return rf"\begin{{tabular}}[b]{{@{{}}{align}@{{}}}}" + r" \\ ".join(lines) + r"\end{tabular}"
+
+
+def _latex_best(board: Board) -> dict[ColumnKey, Any]:
+    """The best (largest) value of each accuracy column that has at least two values to compare."""
+    best = {}
+    for c in board.columns:
+        values = [r[c.key] for r in board.rows if r.get(c.key) is not None]
+        if c.kind == "accuracy" and len(values) > 1:
+            best[c.key] = max(values)
+    return best
+
+
+def _latex_value(board_best: dict[ColumnKey, Any], column: Column, row: Row) -> str:
+    """The cell, bold when best, followed by its interval's half-width (`` ±h`` of :func:`cell_with_interval`)."""
+    text = latex_escape(_cell(column, row.get(column.key)))
+    value = row.get(column.key)
+    if value is not None and value == board_best.get(column.key):
+        text = rf"\textbf{{{text}}}"
+    ci = interval(column, row)
+    if ci is None or value is None:
+        return text
+    return rf"{text}\,{{\scriptsize$\pm${100 * max(value - ci[0], ci[1] - value):.1f}}}"
+
+
+def board_caption(board: Board) -> str:
+    """The board's one-paragraph description (protocol, what was left out, marks), plain text."""
+    head = f"{board.dataset}: accuracy (%) under protocol {board.protocol}."
+    return " ".join(filter(None, [head, board.note + ("." if board.note and not board.note.endswith(".") else "")]))
+
+
+def _latex_label(board: Board) -> str:
+    return "tab:leaderboard-" + "".join(ch if ch.isalnum() or ch in "-:" else "-" for ch in board.dataset)
+
+
+def render_latex(board: Board, options: LatexOptions | None = None) -> str:
+    """A ``table`` (or ``table*``) float with booktabs rules, math-mode headers, caption and label.
+
+    Needs ``\\usepackage{booktabs,graphicx}``. The best value of an accuracy column is bold only
+    where the column has at least two values. See :func:`latex_layout` for the layouts."""
+    options = options or LatexOptions()
+    if options.layout not in LATEX_LAYOUTS:
+        raise BenchError(f"unknown LaTeX layout '{options.layout}'; use one of: {', '.join(LATEX_LAYOUTS)}")
+    layout = latex_layout(board) if options.layout == "auto" else options.layout
+    head, body = (_latex_transposed if layout == "transposed" else _latex_table)(board)
+    spanning = layout == "wide" or (layout == "transposed" and len(board.rows) + 1 > _NARROW_MAX_COLUMNS)
+    env = "table*" if spanning else "table"
+    caption = latex_escape(options.caption if options.caption is not None else board_caption(board))
+    lines = [r"% requires \usepackage{booktabs,graphicx}",
              f"% {latex_escape(board.dataset)}, protocol {latex_escape(board.protocol)}; accuracy in \\%",
              *([f"% {latex_escape(board.note)}"] if board.note else []),
-             rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-             " & ".join(latex_escape(c.title) for c in board.columns) + r" \\", r"\midrule"]
-    for row in board.rows:
-        cells = []
-        for c in board.columns:
-            text = latex_escape(_cell(c, row.get(c.key)))
-            if c.kind == "accuracy" and row.get(c.key) is not None and row.get(c.key) == best.get(c.key):
-                text = rf"\textbf{{{text}}}"
-            cells.append(text)
-        lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+             rf"\begin{{{env}}}[t]", r"\centering", r"\small",
+             rf"\caption{{{caption}}}", rf"\label{{{options.label or _latex_label(board)}}}",
+             r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+             *head, *body, r"\bottomrule", r"\end{tabular}}", rf"\end{{{env}}}"]
     return "\n".join(lines) + "\n"
+
+
+def _latex_table(board: Board) -> tuple[list[str], list[str]]:
+    """One row per board row: the header lines (up to the midrule) and the body lines."""
+    spec = "".join("l" if c.kind == "text" else "r" for c in board.columns)
+    header = " & ".join(_stacked(latex_title_lines(c.key), "l" if c.kind == "text" else "r") for c in board.columns)
+    best = _latex_best(board)
+    body = [" & ".join(_latex_value(best, c, row) for c in board.columns) + r" \\" for row in board.rows]
+    return [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", header + r" \\", r"\midrule"], body
+
+
+def _latex_transposed(board: Board) -> tuple[list[str], list[str]]:
+    """Defenses as columns (headed by defense and model), one row per numeric board column."""
+    values = [c for c in board.columns if c.key not in (DEFENSE, MODEL)]
+    header = " & ".join(["", *(_stacked([latex_escape(str(r.get(DEFENSE, ""))), latex_escape(str(r.get(MODEL, "")))],
+                                        "r") for r in board.rows)])
+    best = _latex_best(board)
+    body = [" & ".join([" ".join(latex_title_lines(c.key)), *(_latex_value(best, c, r) for r in board.rows)]) + r" \\"
+            for c in values]
+    spec = "l" + "r" * len(board.rows)
+    return [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", header + r" \\", r"\midrule"], body
 
 
 def render_csv(board: Board) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([c.title for c in board.columns])
+    writer.writerow([title for c in board.columns
+                     for title in ([c.title, f"{c.title}_lo", f"{c.title}_hi"] if has_interval(c) else [c.title])])
     for row in board.rows:
-        writer.writerow(["" if row.get(c.key) is None else repr(row[c.key]) if isinstance(row.get(c.key), float)
-                         else row[c.key] for c in board.columns])
+        cells: list[Any] = []
+        for c in board.columns:
+            cells.append("" if row.get(c.key) is None else repr(row[c.key]) if isinstance(row.get(c.key), float)
+                         else row[c.key])
+            if has_interval(c):
+                ci = interval(c, row)
+                cells += ["", ""] if ci is None else [repr(ci[0]), repr(ci[1])]
+        writer.writerow(cells)
     return out.getvalue()
 
 
@@ -328,28 +545,56 @@ def render_json(board: Board) -> str:
         "protocol": board.protocol,
         **({"note": board.note} if board.note else {}),
         "columns": [{"key": c.key.id, "title": c.title, "kind": c.kind} for c in board.columns],
+        "interval": "95% Clopper-Pearson: KEY_lo and KEY_hi beside each accuracy with a count behind it",
         "rows": [{c.key.id: row.get(c.key) for c in board.columns} | {RUN_ID.id: row.get(RUN_ID)}
-                 for row in board.rows],
+                 | _json_intervals(board, row) for row in board.rows],
     }
     return json.dumps(payload, indent=2) + "\n"
 
 
-def render_rich(board: Board) -> Any:
+def _json_intervals(board: Board, row: Row) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for c in board.columns:
+        if has_interval(c):
+            ci = interval(c, row)
+            out[f"{c.key.id}_lo"], out[f"{c.key.id}_hi"] = ci if ci is not None else (None, None)
+    return out
+
+
+def _longest_word(text: str) -> int:
+    return max((len(word) for word in text.split()), default=0)
+
+
+def render_rich(board: Board, width: int | None = None) -> Any:
+    """The terminal table. No header word is cut: a column is at least as wide as the longest word
+    of its title (rich wraps titles at spaces); when those widths do not fit ``width`` (the
+    console's), the table is transposed (defenses as columns, one line per column of the board)."""
     from rich.table import Table
 
-    table = Table(title=f"{board.dataset} · protocol {board.protocol} · accuracy %",
-                  caption=board.note or None)
-    for c in board.columns:
-        table.add_column(c.title, justify="left" if c.kind == "text" else "right")
+    mins = [max(_longest_word(c.title), *(len(cell_with_interval(c, r)) for r in board.rows)) if c.kind != "text"
+            else max(_longest_word(c.title), *(_longest_word(str(r.get(c.key, ""))) for r in board.rows))
+            for c in board.columns]
+    title = f"{board.dataset} · protocol {board.protocol} · accuracy % · {INTERVAL_NOTE}"
+    if width is not None and sum(mins) + 3 * len(mins) + 1 > width:
+        return _rich_transposed(board, title)
+    table = Table(title=title, caption=board.note or None)
+    for c, least in zip(board.columns, mins):
+        table.add_column(c.title, justify="left" if c.kind == "text" else "right", min_width=least)
     for row in board.rows:
-        table.add_row(*[_cell(c, row.get(c.key)) for c in board.columns])
+        table.add_row(*[cell_with_interval(c, row) for c in board.columns])
     return table
 
 
-RENDERERS = {"md": render_markdown, "latex": render_latex, "csv": render_csv, "json": render_json}
+def _rich_transposed(board: Board, title: str) -> Any:
+    """The terminal table with defenses as columns (headed by defense and model)."""
+    from rich.table import Table
 
-
-def render(board: Board, fmt: str) -> str:
-    if fmt not in RENDERERS:
-        raise BenchError(f"unknown format '{fmt}'; use one of: {', '.join(FORMATS)}")
-    return RENDERERS[fmt](board)
+    table = Table(title=title + " · transposed", caption=board.note or None)
+    table.add_column("", justify="left", no_wrap=True)
+    for row in board.rows:
+        head = f"{row.get(DEFENSE, '')}\n{row.get(MODEL, '')}"
+        table.add_column(head, justify="right", min_width=_longest_word(head))
+    for c in board.columns:
+        if c.key not in (DEFENSE, MODEL):
+            table.add_row(c.title, *[cell_with_interval(c, row) for row in board.rows])
+    return table

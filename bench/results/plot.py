@@ -2,12 +2,16 @@
 run's empirical L2 robust accuracy as points at x = eps (``bench plot``).
 
 :func:`curves` turns run summaries (:func:`bench.results.queries.run_summary`) into plain
-:class:`Curve` values and needs no matplotlib; :func:`draw` renders them with the headless Agg
+:class:`Curve` values and needs no matplotlib. Given the stored per-example certified radii
+(:func:`bench.results.perexample.certified_radii`), a curve is the exact step function of the
+certified accuracy (a step at every certified radius, not only at the grid radii) with its
+pointwise 95% Clopper-Pearson band; :func:`draw` renders them with the headless Agg
 backend, which it selects itself, so importing this module never touches matplotlib.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +24,10 @@ __all__ = ["FORMATS", "STEP_WHERE", "Curve", "curves", "draw"]
 
 FORMATS = ("png", "svg")
 
-# How the certified curve joins its grid points. Only the values at the grid radii are known.
-# Certified accuracy at r counts radii >= r: non-increasing and left-continuous. Between two grid
-# radii only the bounds acc(r_{i+1}) <= acc(r) <= acc(r_i) are known; "pre" draws the lower one.
+# How the certified curve joins its points. Certified accuracy at r counts radii >= r:
+# non-increasing and left-continuous, so on (r_i, r_{i+1}] it equals acc(r_{i+1}): "pre".
+# With the per-example radii the points are every certified radius and the curve is exact;
+# from the grid alone only acc(r_{i+1}) <= acc(r) <= acc(r_i) is known and "pre" draws the lower one.
 STEP_WHERE: Literal["pre", "post", "mid"] = "pre"
 
 _LINESTYLES = ("-", "--", ":", "-.")
@@ -44,6 +49,24 @@ class Curve:
     empirical: tuple[tuple[float, float], ...] = ()
     empirical_label: str = ""
     dataset: str = ""
+    exact: bool = False  # radii are every certified radius (from the per-example rows), not the grid
+    lower: tuple[float, ...] = ()  # the pointwise 95% Clopper-Pearson band at each radius (exact curves)
+    upper: tuple[float, ...] = ()
+    examples: str = ""  # the run's example set: "<indices hash>" (or "n=<N>" when the hash is unknown)
+
+
+def exact_points(radii: Sequence[float], n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The exact certified-accuracy step function of ``n`` examples whose certified radii (of the
+    correctly certified ones) are ``radii``: its points ``(r, acc(r))`` at 0 and at every distinct
+    radius, ``acc(r) = #{radius >= r} / n``, followed by one point at 0 just past the largest radius
+    (drawn with ``where="pre"`` the line is the function itself)."""
+    xs = sorted({0.0, *radii})
+    ordered = sorted(radii)
+    ys = [(len(ordered) - bisect_left(ordered, x)) / n for x in xs]
+    if ys[-1] > 0:
+        xs.append(xs[-1] * 1.05 if xs[-1] > 0 else 0.05)
+        ys.append(0.0)
+    return tuple(xs), tuple(ys)
 
 
 def _stage_of(entry: Mapping[str, Any]) -> Any:
@@ -90,7 +113,19 @@ def _l2_points(threats: Iterable[ThreatRow]) -> tuple[tuple[float, float], ...]:
     return tuple(sorted(points))
 
 
-def _run_curves(summary: RunSummary) -> list[Curve]:
+def _exact(curve: Curve, radii: Sequence[float], n: int) -> Curve:
+    """``curve`` replaced by the exact step function of its stage, with its Clopper-Pearson band."""
+    from dataclasses import replace
+
+    from bench.results.intervals import clopper_pearson
+
+    xs, ys = exact_points(radii, n)
+    band = [clopper_pearson(round(y * n), n) for y in ys]
+    return replace(curve, radii=xs, accuracies=ys, exact=True, lower=tuple(lo for lo, _ in band),
+                   upper=tuple(hi for _, hi in band))
+
+
+def _run_curves(summary: RunSummary, per_example: Mapping[int, Sequence[float]] | None = None) -> list[Curve]:
     run_id = summary["run_id"]
     name = f"run {run_id}: {summary.get('defense', '?')}"
     dataset = str(summary.get("dataset") or "")
@@ -99,6 +134,8 @@ def _run_curves(summary: RunSummary) -> list[Curve]:
     for certifier, _ in groups:
         certifier_count[certifier] = certifier_count.get(certifier, 0) + 1
     empirical = _l2_points(summary.get("threat_models") or [])
+    n = int(summary.get("n_examples") or 0)
+    examples = str(summary.get("indices_hash") or f"n={n}")
     empirical_label = f"{name} (L2 attacks)" if empirical else ""
     out: list[Curve] = []
     for (certifier, stage), points in groups.items():
@@ -107,21 +144,39 @@ def _run_curves(summary: RunSummary) -> list[Curve]:
             what = certifier
         else:
             what = f"{certifier}, stage {stage[1] if isinstance(stage, tuple) else stage}"
-        out.append(Curve(run_id, f"{name} ({what})", tuple(r for r, _ in points), tuple(a for _, a in points),
-                         empirical if not out else (), empirical_label if not out else "", dataset))
+        curve = Curve(run_id, f"{name} ({what})", tuple(r for r, _ in points), tuple(a for _, a in points),
+                      empirical if not out else (), empirical_label if not out else "", dataset, examples=examples)
+        position = stage if isinstance(stage, int) else None
+        if per_example is not None and position is not None and position in per_example and n:
+            curve = _exact(curve, per_example[position], n)
+        out.append(curve)
     if not out and empirical:
-        out.append(Curve(run_id, empirical_label, (), (), empirical, empirical_label, dataset))
+        out.append(Curve(run_id, empirical_label, (), (), empirical, empirical_label, dataset, examples=examples))
     if not out:
         raise BenchError(f"run {run_id} has no certified results and no L2 attacks to plot")
     return out
 
 
-def curves(summaries: Sequence[RunSummary]) -> list[Curve]:
+def curves(summaries: Sequence[RunSummary],
+           per_example: Mapping[int, Mapping[int, Sequence[float]]] | None = None) -> list[Curve]:
     """The curves of the given run summaries, in order: per run, one per (certifier, stage).
 
-    Raises :class:`BenchError` for a run with neither certified results nor L2 robust accuracy.
+    ``per_example`` (run id -> stage position -> certified radii, as
+    :func:`bench.results.perexample.certified_radii` returns them) makes a stage's curve exact, with
+    its band; without it a curve joins the grid radii. Raises :class:`BenchError` for a run with
+    neither certified results nor L2 robust accuracy.
     """
-    return [curve for summary in summaries for curve in _run_curves(summary)]
+    return [curve for summary in summaries
+            for curve in _run_curves(summary, (per_example or {}).get(summary["run_id"]) if per_example else None)]
+
+
+def mixed_examples(plotted: Sequence[Curve]) -> str:
+    """A warning when ``plotted`` combines runs on different example sets ("" when it does not):
+    their curves are then not measured on the same examples."""
+    sets = dict.fromkeys(c.examples for c in plotted if c.examples)
+    if len(sets) < 2:
+        return ""
+    return f"runs on {len(sets)} different example sets: their curves are not measured on the same examples"
 
 
 def _output_path(stem: Path, fmt: str) -> Path:
@@ -155,7 +210,11 @@ def draw(plotted: Sequence[Curve], path_stem: Path, formats: Iterable[str] = FOR
             k = nth_in_run.get(curve.run_id, 0)
             nth_in_run[curve.run_id] = k + 1
             ax.step(curve.radii, curve.accuracies, where=STEP_WHERE, color=color(curve),
-                    linestyle=_LINESTYLES[k % len(_LINESTYLES)], marker="o", markersize=3, label=curve.label)
+                    linestyle=_LINESTYLES[k % len(_LINESTYLES)], marker=None if curve.exact else "o", markersize=3,
+                    label=curve.label)
+            if curve.lower:
+                ax.fill_between(curve.radii, curve.lower, curve.upper, step=STEP_WHERE, color=color(curve),
+                                alpha=0.15, linewidth=0)
             x_max = max(x_max, *curve.radii)
         for curve in (c for c in plotted if c.empirical):
             eps, acc = zip(*curve.empirical)
@@ -170,6 +229,11 @@ def draw(plotted: Sequence[Curve], path_stem: Path, formats: Iterable[str] = FOR
         ax.set_ylabel("accuracy")
         datasets = ", ".join(dict.fromkeys(c.dataset for c in plotted if c.dataset))
         ax.set_title(f"Certified accuracy vs L2 radius{f' on {datasets}' if datasets else ''}")
+        notes = [("bands: pointwise 95% Clopper-Pearson" if any(c.lower for c in plotted) else ""),
+                 mixed_examples(plotted)]
+        if any(notes):
+            ax.text(0.0, -0.16, "\n".join(filter(None, notes)), transform=ax.transAxes, fontsize="x-small",
+                    va="top")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
         fig.tight_layout()

@@ -9,10 +9,16 @@ from bench.errors import BenchError
 from bench.results.schema import ModelRow, RunRow, RunStatus
 from bench.results.store import Store, iso
 from bench.results.stored import StoredConfig
-from bench.results.summary import (Labels, Outcome, Stage, attack_table, certificate_table, certified_table,
-                                   labels_from)
-from bench.results.types import (AttackTable, Escalation, ExampleOutcome, LabelMetrics, ModelInfo, RunSummary,
-                                 TrainSummary)
+from bench.results.summary import Labels, Outcome, Stage, attack_table, certificate_table, certified_table, labels_from
+from bench.results.types import (
+    AttackTable,
+    Escalation,
+    ExampleOutcome,
+    LabelMetrics,
+    ModelInfo,
+    RunSummary,
+    TrainSummary,
+)
 
 __all__ = ["run_summary"]
 

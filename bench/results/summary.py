@@ -25,8 +25,17 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from bench.results.schema import EvalKind
-from bench.results.types import (AttackRow, AttackTable, CertificateRow, CertifiedRow, ClassMetrics, DrawScores,
-                                 LabelMetrics, StageRef, ThreatRow)
+from bench.results.types import (
+    AttackRow,
+    AttackTable,
+    CertificateRow,
+    CertifiedRow,
+    ClassMetrics,
+    DrawScores,
+    LabelMetrics,
+    StageRef,
+    ThreatRow,
+)
 
 Threat = tuple[str, float]  # (norm, eps) of an attack stage
 

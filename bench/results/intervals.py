@@ -1,0 +1,55 @@
+"""Exact binomial statistics for reported accuracies: Clopper-Pearson intervals and McNemar's
+exact test. Pure functions of counts (scipy.stats); the results layer and the certifiers
+(:mod:`bench.certifiers.stats`) share them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from scipy import stats
+
+__all__ = ["CONFIDENCE", "accuracy_interval", "clopper_pearson", "counts", "mcnemar_exact"]
+
+CONFIDENCE = 0.95  # the level of every interval on a board or plot
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 1.0 - CONFIDENCE) -> tuple[float, float]:
+    """Two-sided exact (Clopper-Pearson) interval at level ``1 - alpha`` for ``k`` successes in ``n``.
+
+    Guarantee: for ``k ~ Binomial(n, p)`` with ``n`` fixed in advance, ``P(lo <= p <= hi) >= 1 - alpha``,
+    with at most ``alpha/2`` of miscoverage on each side. ``lo = Beta.ppf(alpha/2; k, n-k+1)`` (0.0
+    at ``k == 0``), ``hi = Beta.ppf(1 - alpha/2; k+1, n-k)`` (1.0 at ``k == n``). The caller
+    validates ``0 <= k <= n``, ``n >= 1`` and ``0 < alpha < 1``.
+    """
+    lo = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2.0, k, n - k + 1))
+    hi = 1.0 if k == n else float(stats.beta.ppf(1.0 - alpha / 2.0, k + 1, n - k))
+    return lo, hi
+
+
+def counts(accuracy: float | None, n: int | None) -> int | None:
+    """The number of correct examples behind ``accuracy`` measured on ``n`` examples, or None when
+    ``accuracy * n`` is not a whole number (an accuracy averaged over several random draws, a
+    balanced accuracy) or either is missing: such a value has no binomial count."""
+    if accuracy is None or not n or not math.isfinite(accuracy) or not 0.0 <= accuracy <= 1.0:
+        return None
+    k = accuracy * n
+    return round(k) if abs(k - round(k)) < 1e-6 else None
+
+
+def accuracy_interval(accuracy: float | None, n: int | None) -> tuple[float, float] | None:
+    """The 95% Clopper-Pearson interval of an accuracy over ``n`` examples, or None when the
+    accuracy is not a count over ``n`` (:func:`counts`)."""
+    k = counts(accuracy, n)
+    return None if k is None or n is None else clopper_pearson(k, n)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """McNemar's exact test: the two-sided p-value of ``H0: an example correct under one run and
+    not the other is equally likely to favour either run``, from the discordant pairs ``only_a``
+    (correct in A only) and ``only_b`` (correct in B only). Exact binomial test of
+    ``only_a ~ Binomial(only_a + only_b, 1/2)``; 1.0 when there are no discordant pairs."""
+    total = only_a + only_b
+    if total == 0:
+        return 1.0
+    return float(stats.binomtest(only_a, total, 0.5, alternative="two-sided").pvalue)
