@@ -43,7 +43,8 @@ class Norm(str, Enum):
         return self.value
 
 
-_NORM_ALIASES = {"linf": Norm.LINF, "inf": Norm.LINF, "l_inf": Norm.LINF, "l-inf": Norm.LINF, "l2": Norm.L2, "2": Norm.L2}
+_NORM_ALIASES = {"linf": Norm.LINF, "inf": Norm.LINF, "l_inf": Norm.LINF, "l-inf": Norm.LINF,
+                 "l2": Norm.L2, "2": Norm.L2}
 
 
 def parse_norm(text: str | Norm) -> Norm:

@@ -107,7 +107,7 @@ class Registry(Generic[T]):
     def base(self) -> type | None:
         if isinstance(self._base, str):
             self._base = _import_target(self._base)
-        return self._base  # type: ignore[return-value]
+        return self._base  # type: ignore[return-value]  # a str was replaced by its import above
 
     def _check_base(self, name: str, obj: Any) -> None:
         base = self.base
@@ -154,7 +154,7 @@ class Registry(Generic[T]):
         """The object learns its registry name (used in messages, stored rows and cache keys)."""
         if isinstance(obj, type) and not obj.__dict__.get("name"):
             try:
-                obj.name = key  # type: ignore[attr-defined]
+                obj.name = key  # type: ignore[attr-defined]  # any registered class; failure handled below
             except (AttributeError, TypeError):
                 pass
 
@@ -232,7 +232,7 @@ class Registry(Generic[T]):
                     self._entries[key] = loaded
                     self._name(key, loaded)
                 entry = self._entries[key]
-            return entry  # type: ignore[no-any-return]
+            return entry
 
     def unknown(self, name: str) -> UnknownNameError:
         known = self.names()
@@ -287,11 +287,13 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
         "standard": ("bench.defenses.baselines:Standard", "empirical risk minimisation (no defense)"),
         "pgd-at": ("bench.defenses.baselines:PGDAT", "Madry et al. 2018 PGD adversarial training"),
         "rs": ("bench.defenses.smoothing:RandomizedSmoothing", "Cohen et al. 2019 Gaussian randomized smoothing"),
-        "smoothadv": ("bench.defenses.smoothadv:SmoothAdvDefense", "Salman et al. 2019 SmoothAdv: adversarially trained smoothed classifier"),
+        "smoothadv": ("bench.defenses.smoothadv:SmoothAdvDefense",
+                      "Salman et al. 2019 SmoothAdv: adversarially trained smoothed classifier"),
         "dcs": ("bench.defenses.dcs:DCS", "Ma et al. 2025 deformable convolution with stochasticity, GSAT training"),
         "hycas": ("bench.defenses.hycas:HyCAS", "Dhar et al. 2026 HyCAS, <= 2-Lipschitz by construction (AOL)"),
         "dds": ("bench.defenses.dds:DDS", "Carlini et al. 2023 diffusion denoised smoothing (DDPM one-shot denoiser)"),
-        "dds-rcs": ("bench.defenses.dds:DDSRobust", "Hedayatnia et al. 2025 DDS with a covariate-shift-robust classifier"),
+        "dds-rcs": ("bench.defenses.dds:DDSRobust",
+                    "Hedayatnia et al. 2025 DDS with a covariate-shift-robust classifier"),
     },
     ATTACKS: {
         "pgd": ("bench.attacks.pgd:PGD", "projected gradient descent, Linf and L2 (torchattacks)"),
@@ -306,7 +308,8 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
         "square": ("bench.attacks.autoattack:Square", "Square, score-based black-box (pyautoattack)"),
         "autoattack": ("bench.attacks.autoattack:AutoAttackSuite", "AutoAttack standard/plus/rand (pyautoattack)"),
         "eot": ("bench.attacks.wrappers:EOT", "expectation over transformation around any gradient attack"),
-        "bpda": ("bench.attacks.wrappers:BPDA", "backward-pass differentiable approximation around any gradient attack"),
+        "bpda": ("bench.attacks.wrappers:BPDA",
+                 "backward-pass differentiable approximation around any gradient attack"),
         "smoothadv": ("bench.attacks.smoothadv:SmoothAdv", "Salman et al. 2019 PGD on the soft smoothed classifier"),
     },
     CERTIFIERS: {

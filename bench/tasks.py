@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn import functional as F
 
@@ -30,7 +32,9 @@ def loss(logits: torch.Tensor, y: torch.Tensor, task: str, reduction: str = "mea
     if task == "multilabel":
         per_example = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none",
                                                          pos_weight=weight).sum(dim=1)
-        return {"mean": per_example.mean, "sum": per_example.sum, "none": lambda: per_example}[reduction]()
+        reduce: dict[str, Callable[[], torch.Tensor]] = {"mean": per_example.mean, "sum": per_example.sum,
+                                                         "none": lambda: per_example}
+        return reduce[reduction]()
     return F.cross_entropy(logits, y, reduction=reduction, weight=weight)
 
 

@@ -204,8 +204,8 @@ def main() -> int:
               bench_throughput(small_model(3, 32), torch.rand(4, 3, 32, 32), 50_000)]
     for s in speeds:
         print(f"throughput {s['shape']}: bench {s['ours_rate']:,.0f}/s (eager {s['eager_rate']:,.0f}/s), reference "
-              f"{s['ref_rate']:,.0f}/s, {s['speedup']:.2f}x ({s['low']:.2f}-{s['high']:.2f}; vote-share gap {s['share_gap']:.3f}; compile "
-              f"{s['compile_s']:.1f} s)", flush=True)
+              f"{s['ref_rate']:,.0f}/s, {s['speedup']:.2f}x ({s['low']:.2f}-{s['high']:.2f}; "
+              f"vote-share gap {s['share_gap']:.3f}; compile {s['compile_s']:.1f} s)", flush=True)
     if args.throughput_only:
         return 0 if all(s["speedup"] >= SPEED_TARGET for s in speeds) else 1
     seq = bench_sequential(model, images, labels, radii, args.examples)

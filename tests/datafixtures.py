@@ -154,8 +154,8 @@ def make_nih(root: Path, patients: int = 20, per_patient: int = 3, absent: int =
     k = 0
     for p in range(1, patients + 1):
         for f in range(per_patient):
-            rows.append({"Image Index": f"{p:08d}_{f:03d}.png", "Finding Labels": NIH_LABEL_CYCLE[k % len(NIH_LABEL_CYCLE)],
-                         "Patient ID": str(p)})
+            rows.append({"Image Index": f"{p:08d}_{f:03d}.png",
+                         "Finding Labels": NIH_LABEL_CYCLE[k % len(NIH_LABEL_CYCLE)], "Patient ID": str(p)})
             k += 1
     header = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
               "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]

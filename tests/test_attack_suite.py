@@ -78,7 +78,8 @@ def trained(data: tuple[Split, Split]) -> DefendedModel:
     return train_full_batch(linear_model(0), data[0])
 
 
-def _subset_model(data: tuple[Split, Split], n_classes: int, task: str) -> tuple[DefendedModel, torch.Tensor, torch.Tensor]:
+def _subset_model(data: tuple[Split, Split], n_classes: int,
+                  task: str) -> tuple[DefendedModel, torch.Tensor, torch.Tensor]:
     """A linear model trained on the first ``n_classes`` classes, with test examples of those."""
     train, test = data
     torch.manual_seed(0)

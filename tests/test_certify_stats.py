@@ -212,7 +212,8 @@ def test_cs_update_accumulates_and_matches_function():
     assert (cs.k, cs.n) == (51, 74)
 
 
-@pytest.mark.parametrize("k,n,alpha", [(1, 1, 0.1), (3, 10, 0.05), (50, 100, 0.1), (990, 1000, 0.001), (99_999, 100_000, 0.001), (7, 1_000_000, 0.01)])
+@pytest.mark.parametrize("k,n,alpha", [(1, 1, 0.1), (3, 10, 0.05), (50, 100, 0.1), (990, 1000, 0.001),
+                                       (99_999, 100_000, 0.001), (7, 1_000_000, 0.01)])
 def test_cs_endpoints_solve_the_defining_equation(k, n, alpha):
     cs = BetaBinomialConfidenceSequence(alpha)
     cs.update(k, n)

@@ -12,9 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from bench.cli import app
-from helpers import assert_cli_user_error
 from bench.results.schema import RunStatus
 from bench.results.store import Store
+from helpers import assert_cli_user_error
 
 runner = CliRunner()
 
@@ -87,11 +87,20 @@ def test_leaderboard_formats(db_url, tmp_path):
         run_json("--defense", defense, *FAST, "--db", db_url)
     md = invoke("leaderboard", "--dataset", "synthetic", "--format", "md", "--db", db_url)
     assert md.exit_code == 0, md.stderr
-    rows = [line for line in md.stdout.splitlines() if line.startswith("| ") and ("standard" in line or "pgd-at" in line)]
+    rows = [line for line in md.stdout.splitlines()
+            if line.startswith("| ") and ("standard" in line or "pgd-at" in line)]
     assert len(rows) == 2
     out = tmp_path / "board.tex"
     tex = invoke("leaderboard", "--dataset", "synthetic", "--format", "latex", "-o", str(out), "--db", db_url)
     assert tex.exit_code == 0 and r"\toprule" in out.read_text()
+    tex = invoke("leaderboard", "--dataset", "synthetic", "-f", "latex", "--latex-layout", "transposed",
+                 "--caption", "A 50% board", "--label", "tab:x", "--db", db_url)
+    assert tex.exit_code == 0 and r"\caption{A 50\% board}" in tex.stdout and r"\label{tab:x}" in tex.stdout
+    page = tmp_path / "board.html"
+    html = invoke("leaderboard", "--dataset", "synthetic", "--format", "html", "-o", str(page), "--db", db_url)
+    assert html.exit_code == 0 and page.read_text().count('data-kind="measured"') == 2
+    assert invoke("leaderboard", "--dataset", "synthetic", "-f", "latex", "--latex-layout", "tiny",
+                  "--db", db_url).exit_code == 2
     board = json.loads(invoke("leaderboard", "--dataset", "synthetic", "--format", "json", "--db", db_url).stdout)
     robust = [row["robust"] for row in board["rows"]]
     assert robust == sorted(robust, reverse=True)

@@ -376,7 +376,7 @@ def test_nih_official_lists(tmp_path: Path, nih_root: Path, nih_files, nih_meta)
     assert len(data["train"]) + len(data["val"]) + len(data["test"]) == 1000
     # about 10 % of train_val goes to val (by patient, so roughly)
     assert 0.03 < len(data["val"]) / len(train_val_names) < 0.2
-    for s, d in data.items():
+    for d in data.values():
         findings = [nih_meta[n]["Finding Labels"].split("|") for n in d.meta["image_names"]]
         assert d.labels.tolist() == [[int(x in f) for x in NIH_FINDINGS] for f in findings]
 
@@ -514,8 +514,8 @@ def test_end_to_end_nih_chestxray14(nih_root: Path, tmp_path: Path, one_torch_th
 def test_end_to_end_nih_chestxray14_from_checkpoint(nih_root: Path, tmp_path: Path, one_torch_thread) -> None:
     """The multilabel evaluation path without training (which is broken, see above): a small CNN
     that predicts "no finding" for every label, attacked with 3-step PGD on 64 test images."""
-    from bench.training.checkpoints import save_checkpoint
     from bench.registry import DEFENSES
+    from bench.training.checkpoints import save_checkpoint
 
     spec = get_dataset("nih-chestxray14").spec
     torch.manual_seed(0)

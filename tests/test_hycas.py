@@ -15,9 +15,17 @@ from bench.data.base import get_dataset
 from bench.defenses.base import Recipe
 from bench.errors import BenchError
 from bench.models.defended import DefendedModel
-from bench.models.lipschitz_layers import (AOLConv2d, AOLLinear, GroupSort, NoisyAttentionGate,
-                                           RandomProjectionConv2d, conv_gram, frozen_randomness,
-                                           lipschitz_product, orthonormal_projections)
+from bench.models.lipschitz_layers import (
+    AOLConv2d,
+    AOLLinear,
+    GroupSort,
+    NoisyAttentionGate,
+    RandomProjectionConv2d,
+    conv_gram,
+    frozen_randomness,
+    lipschitz_product,
+    orthonormal_projections,
+)
 from bench.registry import DEFENSES
 
 CPU = torch.device("cpu")

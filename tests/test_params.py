@@ -113,8 +113,10 @@ def test_only_known_kinds() -> None:
 
 def test_check_params_refuses_unknown_names_and_keeps_the_order() -> None:
     specs = {"steps": Param(20, int, ge=1), "step_size": Param(None, float, gt=0)}
-    assert list(check_params(OWNER, specs, {"step_size": 1, "steps": 2.0}).items()) == [("step_size", 1.0), ("steps", 2)]
-    with pytest.raises(BenchError, match=r"unknown hyperparameter\(s\) stpes for attack 'demo'; known: step_size, steps"):
+    checked = check_params(OWNER, specs, {"step_size": 1, "steps": 2.0})
+    assert list(checked.items()) == [("step_size", 1.0), ("steps", 2)]
+    with pytest.raises(BenchError,
+                       match=r"unknown hyperparameter\(s\) stpes for attack 'demo'; known: step_size, steps"):
         check_params(OWNER, specs, {"stpes": 3}, noun="hyperparameter")
 
 

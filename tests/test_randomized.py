@@ -191,7 +191,8 @@ def test_draws_option_sets_r_and_is_validated(tmp_path):
 
     summary = json.loads(out.stdout)
     assert summary["clean_draws"]["draws"] == 3 and summary["attacks"][0]["draws"] in (1, 3)
-    for args, fragment in ((["--draws", "0"], "--draws"), (["--protocol", "pgd", "--draws", "3"], "cannot be combined")):
+    for args, fragment in ((["--draws", "0"], "--draws"),
+                           (["--protocol", "pgd", "--draws", "3"], "cannot be combined")):
         bad = cli.invoke(app, ["run", "--defense", "test-noisy", "--dataset", "synthetic", *args, "--db", db])
         assert bad.exit_code == 2 and fragment in bad.stderr, bad.stderr
 

@@ -19,7 +19,7 @@ from bench.harness.checks import check_train_mode
 from bench.harness.runner import execute, resolve
 from bench.models.defended import DefendedModel
 from bench.registry import Registry
-from bench.results.leaderboard import DEFENSE, N, ColumnKey, build_board
+from bench.results.leaderboard import DEFENSE, ColumnKey, N, build_board
 from bench.results.store import Store
 
 runner = CliRunner()
@@ -126,10 +126,10 @@ def test_attack_command_uses_only_norms_the_attack_supports(tmp_path):
 
 
 def test_wrapped_attack_norm_is_checked_before_training():
+    from bench.config import AttackSpec, ThreatModel
     from bench.errors import BenchError
     from bench.harness.protocol import Protocol
     from bench.harness.resolve import check_attacks
-    from bench.config import AttackSpec, ThreatModel
 
     spec = AttackSpec("eot", ThreatModel("L2", 0.5), (("attack", "fgsm"),))
     with pytest.raises(BenchError, match="'fgsm' does not support the L2 norm"):

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from bench.data.base import get_dataset
 from bench.errors import BenchError
-from bench.training.checkpoints import load_into, read_checkpoint, save_checkpoint
 from bench.registry import DEFENSES
+from bench.training.checkpoints import load_into, read_checkpoint, save_checkpoint
 from helpers import assert_cli_user_error
 
 # datasets.py of the official code

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.capabilities import capability
 from bench.config import AttackSpec, Norm, RunConfig, ThreatModel, stable_hash
 from bench.data.base import get_dataset
 from bench.harness.extend import add_attack
 from bench.harness.resolve import ResolvedRun
 from bench.harness.runner import execute
 from bench.harness.stages import PREDICT_N, Scoring, scoring_for
-from bench.capabilities import capability
 from bench.models.defended import DefendedModel
 from bench.registry import DEFENSES
 from bench.results.schema import EvalKind

@@ -16,9 +16,9 @@ from torch.nn import functional as F
 from bench.data.base import Split, get_dataset
 from bench.defenses.base import Recipe
 from bench.errors import CheckpointError
+from bench.registry import DEFENSES
 from bench.training.checkpoints import load_into, read_checkpoint, save_checkpoint, sha256_file
 from bench.training.loop import TrainSummary, fit, make_optimizer, make_scheduler
-from bench.registry import DEFENSES
 from helpers import ModeRecorder, accuracy, linear_model
 
 CPU = torch.device("cpu")
@@ -214,7 +214,8 @@ def test_save_overwrites_atomically(tmp_path: Path) -> None:
 def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     save_checkpoint(path, state(), {"v": 1})
-    with pytest.raises(Exception):
+    # any pickling failure will do (its type varies across Python versions); the file state is what is checked
+    with pytest.raises(Exception):  # noqa: B017
         save_checkpoint(path, state(), {"unpicklable": lambda: None})
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
     assert read_checkpoint(path)[1] == {"v": 1}

@@ -19,7 +19,8 @@ What the adapters do around the library:
 * Class counts: the DLR loss needs the 3 largest logits and the targeted DLR loss 4, so
   ``apgd-dlr`` needs at least 3 classes and ``apgd-t`` at least 4; on smaller models they raise
   :class:`~bench.errors.AttackNotApplicable` ("needs at least N classes (DLR loss)"), which the
-  harness records as a skipped stage with that reason (``skipped_attacks`` in the JSON). ``fab-t`` has no DLR loss; with 2 classes its single target is the other class, so it
+  harness records as a skipped stage with that reason (``skipped_attacks`` in the JSON).
+  ``fab-t`` has no DLR loss; with 2 classes its single target is the other class, so it
   runs. Targeted attacks use ``n_target_classes = min(9, C - 1)`` (AutoAttack's 9 would
   otherwise exceed the classes that exist). ``C`` is the model's declared ``num_classes``
   (:func:`bench.capabilities.capability`, through wrappers), else the width of its logits.
@@ -110,8 +111,8 @@ class _PyAutoAttack(Attack):
 
     def _check_classes(self, num_classes: int) -> None:
         if num_classes < self.min_classes:
-            raise AttackNotApplicable(f"attack '{self.name}' needs at least {self.min_classes} classes ({self.loss_name}); "
-                             f"the model has {num_classes}")
+            raise AttackNotApplicable(f"attack '{self.name}' needs at least {self.min_classes} classes "
+                                      f"({self.loss_name}); the model has {num_classes}")
 
     def _num_classes(self, model: nn.Module, x: torch.Tensor) -> int:
         declared = _declared_classes(model)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ class FGSM(_TorchattacksAttack):
     """
 
     info = AttackInfo(norms=(Norm.LINF,), stochastic=False, source="torchattacks")
-    parameters: dict[str, Param] = {}
+    parameters: ClassVar[dict[str, Param]] = {}
 
     def _build(self, model: nn.Module, threat: ThreatModel) -> Any:
         import torchattacks

@@ -12,8 +12,8 @@ loss of the randomized classifier's expected prediction (the objective SmoothAdv
 gradient is a weighted average of the per-draw gradients. The K draws are batched (the batch
 repeated K times in one forward pass); ``chunk`` bounds how many copies run at once when memory
 is short. A model whose draw is shared by a whole forward batch (DCS: one mask per pass) gets one
-draw per pass instead, since K copies in one pass would all see the same mask. For smoothing defenses the input noise is part of the model's forward pass, so it is
-redrawn too.
+draw per pass instead, since K copies in one pass would all see the same mask. For smoothing
+defenses the input noise is part of the model's forward pass, so it is redrawn too.
 
 **BPDA** (Athalye et al., 2018). A model declares, in ``bpda_surrogates()``, the submodules that
 are non-differentiable or mask gradients, with a differentiable stand-in (identity by default).
@@ -86,7 +86,8 @@ class EOT(Attack):
     """
 
     info = AttackInfo(norms=(Norm.LINF, Norm.L2), stochastic=True, source="bench")
-    parameters = {"attack": INNER, "params": INNER_PARAMS, "draws": Param(20, int, ge=1), "chunk": Param(None, int, ge=1)}
+    parameters = {"attack": INNER, "params": INNER_PARAMS, "draws": Param(20, int, ge=1),
+                  "chunk": Param(None, int, ge=1)}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

@@ -55,9 +55,9 @@ import torch
 from torch import nn
 
 from bench.capabilities import capability
+from bench.progress import Progress
 from bench.results.checks import CheckResult
 from bench.results.types import AttackRow, RunSummary, ThreatRow
-from bench.progress import Progress
 
 if TYPE_CHECKING:
     from bench.certifiers.base import Certificate
@@ -178,8 +178,8 @@ def smoothadv(model: nn.Module, x: torch.Tensor, target: torch.Tensor, radius: t
 def _device_of(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -256,7 +256,8 @@ def _attack_stage(model: nn.Module, x: torch.Tensor, position_of: dict[int, int]
                 f"{PGD_RESTARTS} restarts) inside {SHRINK} x the certified radius on {len(chosen)} certified examples: "
                 f"{len(violations)} violation(s)")
         if violations:
-            text += f"; the prediction changes within the certified radius at example indices {_indices_text(violations)}"
+            text += ("; the prediction changes within the certified radius at example indices "
+                     f"{_indices_text(violations)}")
         return bool(violations), text
     sigma = info.get("sigma", capability(model, "sigma"))
     if sigma is None:

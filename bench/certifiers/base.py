@@ -7,8 +7,8 @@ certificate (``example_results``: prediction, abstained, radius, samples_used, c
 seconds) and computes certified accuracy per radius from them.
 
 Subclasses set ``info`` and ``parameters`` (:class:`~bench.params.Param` specs) and implement
-:meth:`Certifier.prepare` (resolve what the certificate needs from the model, e.g. sigma or the Lipschitz bound, and refuse models that
-cannot be certified) and :meth:`Certifier.certify`.
+:meth:`Certifier.prepare` (resolve what the certificate needs from the model, e.g. sigma or the
+Lipschitz bound, and refuse models that cannot be certified) and :meth:`Certifier.certify`.
 """
 
 from __future__ import annotations

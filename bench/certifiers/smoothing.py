@@ -23,8 +23,13 @@ from torch import nn
 
 from bench.capabilities import capability, shares_randomness
 from bench.certifiers.base import ALPHA, Certificate, Certifier, CertifierInfo
-from bench.certifiers.stats import (BetaBinomialConfidenceSequence, binomial_pvalue, clopper_pearson_lower,
-                                    cs_lower_bound, smoothing_radius)
+from bench.certifiers.stats import (
+    BetaBinomialConfidenceSequence,
+    binomial_pvalue,
+    clopper_pearson_lower,
+    cs_lower_bound,
+    smoothing_radius,
+)
 from bench.errors import BenchError
 from bench.models.compiled import COMPILE, CompileCache, wants_compile
 from bench.params import Param
@@ -135,7 +140,7 @@ def _probe(x: torch.Tensor, batch: int, sigma: float) -> torch.Tensor:
 def certify_counts(selection: torch.Tensor, estimation: torch.Tensor, alpha: float,
                    sigma: float) -> list[tuple[int | None, float, int, float]]:
     """CERTIFY from vote counts: (prediction or None, radius, n_A, p_A lower bound) per example."""
-    out = []
+    out: list[tuple[int | None, float, int, float]] = []
     n = int(estimation[0].sum())
     for sel, est in zip(selection, estimation):
         c_a = int(sel.argmax())
@@ -284,7 +289,7 @@ class Smoothing(Certifier):
             active = still
             if active:  # active examples have all drawn the same number; never exceed n in total
                 step = min(int(step * GROWTH), n_max - sequences[active[0]].n)
-        out = []
+        out: list[tuple[int | None, float, int, float, int]] = []
         for i, cs in enumerate(sequences):
             lower = cs.lower()
             if cs.n >= n_max:  # reached the fixed time n: the Clopper-Pearson half of alpha applies

@@ -83,6 +83,7 @@ __all__ = [
 
 def _as_int(value: object, name: str) -> int:
     try:
+        # any object may come in: operator.index raises the TypeError handled below for non-integers
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
@@ -140,11 +141,10 @@ def clopper_pearson_interval(k: int, n: int, alpha: float) -> tuple[float, float
     ``hi = Beta.ppf(1 - alpha/2; k+1, n-k)`` (1.0 at k == n). Same validation as
     :func:`clopper_pearson_lower`.
     """
+    from bench.results.intervals import clopper_pearson
+
     k, n = _check_counts(k, n)
-    alpha = _check_alpha(alpha)
-    lo = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2.0, k, n - k + 1))
-    hi = 1.0 if k == n else float(stats.beta.ppf(1.0 - alpha / 2.0, k + 1, n - k))
-    return lo, hi
+    return clopper_pearson(k, n, _check_alpha(alpha))
 
 
 def binomial_pvalue(k: int, n: int) -> float:

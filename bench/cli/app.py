@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Any, Callable, TypeVar
 
 import typer
@@ -32,7 +31,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     """Robustness benchmarking harness and leaderboard for image classifiers."""
 
@@ -53,7 +53,7 @@ def user_errors(fn: F) -> F:
             error("interrupted; stored rows are kept and a re-run resumes where this one stopped")
             raise typer.Exit(code=130) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps: it has fn's signature
 
 
 def main() -> None:
@@ -63,4 +63,4 @@ def main() -> None:
 from bench.cli import commands  # noqa: E402,F401 - registers the commands on import
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -68,7 +68,7 @@ class HAM10000(Dataset):
         if split == "isic2018-test":
             ids, labels = self._isic_test(root)
             groups = ids  # the ISIC 2018 test list has no lesion ids
-            dirs = TEST_DIRS
+            dirs: tuple[str, ...] = TEST_DIRS
         else:
             table = read_csv(root / METADATA, ("lesion_id", "image_id", "dx"), self)
             table = table.sort_values("image_id", kind="stable").reset_index(drop=True)

@@ -42,12 +42,13 @@ def decode_image(path: str | os.PathLike[str], image_size: int, channels: int, t
                 short = round(image_size * 256 / 224)
                 w, h = img.size
                 scale = short / min(w, h)
-                img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
+                size = (max(short, round(w * scale)), max(short, round(h * scale)))
+                img = img.resize(size, Image.Resampling.BILINEAR)
                 w, h = img.size
                 left, top = (w - image_size) // 2, (h - image_size) // 2
                 img = img.crop((left, top, left + image_size, top + image_size))
             elif img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.BILINEAR)
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise BenchError(f"cannot decode image {path}: {exc}") from None
@@ -78,7 +79,8 @@ class ImageList:
                  channels: int, transform: str = "resize", root: Path | None = None) -> None:
         if len(files) != len(labels):
             raise ValueError("files and labels differ in length")
-        self.dataset, self.split, self.files, self.labels = dataset, split, [os.fspath(f) for f in files], np.asarray(labels)
+        self.dataset, self.split = dataset, split
+        self.files, self.labels = [os.fspath(f) for f in files], np.asarray(labels)
         self.channels, self.transform, self.root = channels, transform, root
 
     def cache_key(self, image_size: int) -> str:
@@ -93,7 +95,8 @@ class ImageList:
     def images(self, image_size: int, progress: Any = None) -> Any:
         """uint8 tensor (N, C, S, S), decoded once and then read from the cache."""
         key = self.cache_key(image_size)
-        return load_cached(f"{self.dataset}-{self.split}-{image_size}-{key}", lambda: self._decode(image_size, progress))
+        return load_cached(f"{self.dataset}-{self.split}-{image_size}-{key}",
+                           lambda: self._decode(image_size, progress))
 
     def _decode(self, image_size: int, progress: Any) -> np.ndarray:
         if progress is None:

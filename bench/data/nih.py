@@ -18,7 +18,7 @@ in two splits. Images are kept grayscale (1 channel). Missing image files are co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -36,9 +36,10 @@ IMAGE_DIRS = ("images*/images", "images*", ".")
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 VAL_FRACTION_OF_TRAIN_VAL = 0.1
 SPLIT_SEED = 0
-OBTAIN = "obtain ChestX-ray14 from the NIH Clinical Center (https://nihcc.app.box.com/v/ChestXray-NIHCC) or Kaggle (nih-chest-xrays/data)"
+OBTAIN = ("obtain ChestX-ray14 from the NIH Clinical Center (https://nihcc.app.box.com/v/ChestXray-NIHCC) "
+          "or Kaggle (nih-chest-xrays/data)")
 
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(  # the DatasetSpec fields both NIH tasks share
     input_shape=(1, 1024, 1024),
     image_size=64,
     # grey-level mean/std of ChestX-ray14 PNGs
@@ -74,7 +75,9 @@ class _NIH(Dataset):
         assignment = self._assignment(root, table, multihot)
         chosen = np.flatnonzero(assignment == split)
         names = table["Image Index"].to_numpy()[chosen]
-        labels = multihot[chosen] if self.multilabel else multihot[chosen].any(axis=1).astype(np.int64)
+        # any(axis=1) of the 2-D multihot array is a 1-D array (numpy's stubs also allow a scalar)
+        labels = (multihot[chosen] if self.multilabel
+                  else cast(np.ndarray, multihot[chosen].any(axis=1).astype(np.int64)))
         files = find_files(root, IMAGE_DIRS, "*.png")
         present = np.array([n.rsplit(".", 1)[0] in files for n in names], dtype=bool)
         if not present.any():

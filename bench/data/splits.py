@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 
-def grouped_stratified_split(groups: Sequence[object], strata: Sequence[object], fractions: dict[str, float],
-                             seed: int) -> np.ndarray:
+def grouped_stratified_split(groups: Sequence[object] | np.ndarray, strata: Sequence[object] | np.ndarray,
+                             fractions: dict[str, float], seed: int) -> np.ndarray:
     """Assign every item to a split so that all items of a group share one split.
 
     Groups are stratified by their most common stratum (e.g. a lesion's diagnosis). Within each

@@ -19,7 +19,8 @@ def read_csv(path: Path, required: Sequence[str], dataset: Any, **kwargs: Any) -
         raise dataset.invalid(path, f"not a readable CSV ({str(exc).splitlines()[0][:200]})") from None
     absent = [c for c in required if c not in table.columns]
     if absent:
-        raise dataset.invalid(path, f"missing column(s) {', '.join(absent)}; found {', '.join(map(str, table.columns[:12]))}")
+        found = ", ".join(map(str, table.columns[:12]))
+        raise dataset.invalid(path, f"missing column(s) {', '.join(absent)}; found {found}")
     return table
 
 

@@ -18,8 +18,8 @@ configuration, and return a stored result, without loading torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from bench.errors import BenchError
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     import torch
 
     from bench.data.base import DatasetSpec, Split
-    from bench.training.loop import TrainSummary
     from bench.models.defended import DefendedModel
+    from bench.training.loop import TrainSummary
 
 __all__ = ["Defense", "DefenseInfo", "Recipe"]
 

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     import torch
 
     from bench.data.base import DatasetSpec, Split
-    from bench.training.loop import TrainSummary
     from bench.models.defended import DefendedModel
+    from bench.training.loop import TrainSummary
 
 
 # Paper-scale recipe for CIFAR-scale data (Madry et al. 2018 / Rice et al. 2020 practice) and a
@@ -54,8 +54,8 @@ class PGDAT(Defense):
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
             device: torch.device, seed: int = 0, progress: Any = None, resume: Path | None = None) -> TrainSummary:
-        from bench.training.loop import fit
         from bench.registry import ATTACKS
+        from bench.training.loop import fit
 
         threat = training_threat(recipe, spec)
         attack = ATTACKS.get("pgd")(steps=recipe.adv_steps, step_size=recipe.adv_step_size, random_start=True)

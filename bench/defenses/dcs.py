@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
     from bench.config import ThreatModel
     from bench.data.base import DatasetSpec, Split
-    from bench.training.loop import Perturb, TrainSummary
     from bench.models.defended import DefendedModel
+    from bench.training.loop import Perturb, TrainSummary
 
 __all__ = ["DCS", "ARCHS", "gsat_perturb", "official_to_bench"]
 
@@ -194,7 +194,8 @@ class DCS(Defense):
 
     info = DefenseInfo(paper="Adversarial Robustness via Deformable Convolution with Stochasticity "
                              "(Ma, Huang, Dong, You, Xu; ICML 2025)",
-                       year=2025, kind="randomized", randomized=True, authors_protocol="transfer-draw", default_protocol="quick",
+                       year=2025, kind="randomized", randomized=True, authors_protocol="transfer-draw",
+                       default_protocol="quick",
                        url="https://github.com/theSleepyPig/Deformable_Convolution_with_Stochasticity",
                        summary="random k x k conv masks with n taps (fresh per forward pass), GSAT training")
     recipes = {"paper": _PAPER, "cpu": _CPU}
@@ -234,11 +235,12 @@ class DCS(Defense):
         ``validation`` 0 keeps the last epoch.
         """
         from bench.defenses.baselines import training_threat
-        from bench.training.loop import fit
         from bench.registry import ATTACKS
+        from bench.training.loop import fit
 
         if not hasattr(model, "freeze_randomness") or not hasattr(model, "resample_masks"):
-            raise BenchError("dcs: the model has no masked convolutions to train with GSAT; build it with the dcs defense")
+            raise BenchError("dcs: the model has no masked convolutions to train with GSAT; "
+                             "build it with the dcs defense")
         perturb = None
         if recipe.adv_steps > 0:
             threat = training_threat(recipe, spec)

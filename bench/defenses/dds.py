@@ -35,7 +35,7 @@ See docs/defenses/dds.md for the deviations from the official code.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from bench.capabilities import capability
 from bench.defenses.base import Defense, DefenseInfo, Recipe
@@ -50,9 +50,10 @@ if TYPE_CHECKING:
     from torch import nn
 
     from bench.data.base import DatasetSpec, Split
+    from bench.models.dds import DDSModel
+    from bench.models.defended import DefendedModel
     from bench.progress import Progress
     from bench.training.loop import Perturb, TrainSummary
-    from bench.models.defended import DefendedModel
 
 __all__ = ["DDS", "DDSRobust", "robust_noise_perturb"]
 
@@ -73,8 +74,10 @@ _CPU = Recipe(epochs=20, batch_size=64, optimizer="adam", lr=1e-3, momentum=0.0,
 TRAIN_ON = ("denoised", "clean")
 PARAMETERS = {
     "arch": Param("auto", str), "sigma": Param(0.25, float, gt=0), "denoiser": Param("train", str),
-    "denoiser_width": Param("auto", int, ge=1, literals=("auto",)), "train_on": Param("denoised", str, choices=TRAIN_ON),
-    "robust_noise": Param(False, bool), "robust_steps": Param(2, int, ge=1), "robust_step_size": Param(0.1, float, gt=0),
+    "denoiser_width": Param("auto", int, ge=1, literals=("auto",)),
+    "train_on": Param("denoised", str, choices=TRAIN_ON),
+    "robust_noise": Param(False, bool), "robust_steps": Param(2, int, ge=1),
+    "robust_step_size": Param(0.1, float, gt=0),
     "robust_eps_max": Param(None, float, gt=0),
 }
 # the recipe's DDPM settings (``Recipe.extra``), checked by the same mechanism
@@ -168,11 +171,12 @@ class DDS(Defense):
             schedule = ddpm.linear_schedule_config()
         else:
             unet, schedule = ddpm.load_denoiser(source)
-            channels = int(unet.config.in_channels)
+            unet_config: Any = unet.config  # diffusers' config of the UNet2DModel (diffusers has no stubs)
+            channels = int(unet_config.in_channels)
             if channels != spec.channels:
                 raise BenchError(f"dds: the denoiser '{source}' takes {channels}-channel images, dataset "
                                  f"'{spec.name}' has {spec.channels}")
-            factor = 2 ** (len(unet.config.down_block_types) - 1)
+            factor = 2 ** (len(unet_config.down_block_types) - 1)
             if image_size % factor:
                 raise BenchError(f"dds: the denoiser '{source}' needs an image size divisible by {factor}, "
                                  f"got {image_size}")
@@ -193,16 +197,17 @@ class DDS(Defense):
         progress = progress or Progress()
         if not capability(model, "adds_smoothing_noise"):
             raise BenchError("dds: the model is not a DDS model; build it with the dds defense")
+        dds = cast("DDSModel", model)  # built by build(): the model that adds its own smoothing noise
         extra_seconds = 0.0
-        if model.denoiser_source == "train":
-            extra_seconds = fit_denoiser(model, train, recipe, spec=spec, device=device, seed=seed, progress=progress)
-        model.denoiser.requires_grad_(False)
-        p = model.training_options
+        if dds.denoiser_source == "train":
+            extra_seconds = fit_denoiser(dds, train, recipe, spec=spec, device=device, seed=seed, progress=progress)
+        dds.denoiser.requires_grad_(False)
+        p = dds.training_options
         if p["train_on"] == "clean":
-            target: nn.Module = model.classifier_view()
+            target: nn.Module = dds.classifier_view()
             perturb = None
         else:
-            target = model
+            target = dds
             perturb = (robust_noise_perturb(p["robust_steps"], p["robust_step_size"], p["robust_eps_max"])
                        if p["robust_noise"] else None)
         summary = fit(target, train, recipe, device=device, seed=seed, progress=progress, perturb=perturb,
@@ -245,7 +250,7 @@ class DDSRobust(DDS):
     parameters = {**PARAMETERS, "robust_noise": Param(True, bool)}
 
 
-def fit_denoiser(model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec, device: torch.device,
+def fit_denoiser(model: DDSModel, train: Split, recipe: Recipe, *, spec: DatasetSpec, device: torch.device,
                  seed: int, progress: Progress) -> float:
     """Load the cached small DDPM for this configuration, or train it and cache it; seconds spent.
 
@@ -260,15 +265,16 @@ def fit_denoiser(model: DefendedModel, train: Split, recipe: Recipe, *, spec: Da
 
     from bench.config import stable_hash
     from bench.data.base import indices_hash
-    from bench.training.checkpoints import checkpoint_dir, read_checkpoint, save_checkpoint
     from bench.models import ddpm
+    from bench.training.checkpoints import checkpoint_dir, read_checkpoint, save_checkpoint
 
     started = time.perf_counter()
     extra = dict(recipe.extra)
     options = check_params("dds recipe", DDPM_OPTIONS, {k: extra.get(k, p.default) for k, p in DDPM_OPTIONS.items()})
     steps, batch, lr = options["ddpm_steps"], options["ddpm_batch_size"], options["ddpm_lr"]
     assert train.indices is not None
-    unet_config = {k: v for k, v in dict(model.denoiser.config).items() if not k.startswith("_")}
+    denoiser_config: Any = model.denoiser.config  # diffusers' config of the UNet2DModel (no stubs)
+    unet_config = {k: v for k, v in dict(denoiser_config).items() if not k.startswith("_")}
     key = stable_hash({"what": "ddpm", "version": ddpm.DDPM_VERSION, "dataset": spec.name,
                        "train_indices": indices_hash(train.indices.numpy()), "n_train": len(train),
                        "image_shape": list(train.images.shape[1:]), "unet": unet_config,
@@ -310,18 +316,19 @@ def robust_noise_perturb(steps: int, step_size: float, eps_max: float | None) ->
 
         from bench import tasks
 
+        dds = cast("DDSModel", model)  # fit() hands this hook its DDS model (train_on=denoised)
         eps0 = torch.randn_like(x)
         eps = eps0.clone()
-        task = capability(model, "task")
+        task = capability(dds, "task")
         for _ in range(steps):
             eps.requires_grad_(True)
             with torch.enable_grad():
-                loss = tasks.loss(model.classify(model.denoise(x, eps)), y, task, reduction="sum")
+                loss = tasks.loss(dds.classify(dds.denoise(x, eps)), y, task, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, eps)
             eps = eps.detach() + step_size * grad.sign()
             if eps_max is not None:
                 eps = eps0 + (eps - eps0).clamp(-eps_max, eps_max)
-        model.use_noise_once(eps.detach())
+        dds.use_noise_once(eps.detach())
         return x
 
     return perturb

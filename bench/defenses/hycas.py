@@ -48,8 +48,8 @@ if TYPE_CHECKING:
     import torch
 
     from bench.data.base import DatasetSpec, Split
-    from bench.training.loop import TrainSummary
     from bench.models.defended import DefendedModel
+    from bench.training.loop import TrainSummary
 
 __all__ = ["ARCH_NAMES", "HyCAS", "resolve_hycas_arch"]
 

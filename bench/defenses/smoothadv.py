@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     import torch
 
     from bench.data.base import DatasetSpec, Split
-    from bench.training.loop import TrainSummary
     from bench.models.defended import DefendedModel
+    from bench.training.loop import TrainSummary
 
 __all__ = ["SmoothAdvDefense", "SmoothAdvTraining"]
 
@@ -127,8 +127,11 @@ class SmoothAdvDefense(RandomizedSmoothing):
         return out
 
     def build(self, spec: DatasetSpec, image_size: int, **hparams: Any) -> DefendedModel:
-        model = super().build(spec, image_size, **{k: v for k, v in hparams.items() if k in RandomizedSmoothing.hparams})
-        model.smoothadv = self._settings(self.check_hparams(hparams, ignore_unknown=True), "paper")
+        rs_hparams = {k: v for k, v in hparams.items() if k in RandomizedSmoothing.hparams}
+        model = super().build(spec, image_size, **rs_hparams)
+        # a plain attribute (read by fit): nn.Module's __setattr__ is typed for tensors and modules only
+        model.smoothadv = self._settings(  # type: ignore[assignment]
+            self.check_hparams(hparams, ignore_unknown=True), "paper")
         return model
 
     def fit(self, model: DefendedModel, train: Split, recipe: Recipe, *, spec: DatasetSpec,
@@ -139,7 +142,8 @@ class SmoothAdvDefense(RandomizedSmoothing):
         settings = getattr(model, "smoothadv", None)
         if settings is None or capability(model, "sigma") is None:
             raise BenchError("smoothadv: build the model with the smoothadv defense (it declares sigma and eps)")
-        perturb = SmoothAdvTraining(check_sigma(capability(model, "sigma")), float(settings["eps"]), int(settings["steps"]),
-                                    int(settings["m_train"]), int(settings["warmup"]), bool(settings["multi_noise"]))
+        perturb = SmoothAdvTraining(check_sigma(capability(model, "sigma")), float(settings["eps"]),
+                                    int(settings["steps"]), int(settings["m_train"]), int(settings["warmup"]),
+                                    bool(settings["multi_noise"]))
         return fit(model, train, recipe, device=device, seed=seed, progress=progress, perturb=perturb,
                    balance_classes=recipe.balances(spec), resume=resume)

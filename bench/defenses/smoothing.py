@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     import torch
 
     from bench.data.base import DatasetSpec, Split
-    from bench.training.loop import Perturb, TrainSummary
     from bench.models.defended import DefendedModel
+    from bench.training.loop import Perturb, TrainSummary
 
 __all__ = ["RandomizedSmoothing", "check_input_layer", "check_sigma", "gaussian_noise", "resolve_official_hparams"]
 

@@ -11,8 +11,17 @@ import re
 from dataclasses import replace
 from typing import Any, Callable
 
-from bench.config import (AttackSpec, CertifySpec, Protocol, RunConfig, ThreatModel, is_adaptive, parse_eps, parse_norm,
-                          stable_hash)
+from bench.config import (
+    AttackSpec,
+    CertifySpec,
+    Protocol,
+    RunConfig,
+    ThreatModel,
+    is_adaptive,
+    parse_eps,
+    parse_norm,
+    stable_hash,
+)
 from bench.data.base import DatasetSpec
 from bench.errors import BenchError
 

@@ -194,17 +194,20 @@ def build_cohen_model(spec: DatasetSpec, image_size: int, arch: str,
     mean, std = official_stats(spec)
     model = DefendedModel(net, mean, std, spec.shape(image_size), spec.num_classes, spec.task)
     model.normalize = input_layer(input_layer_kind, mean, std)
-    model.cohen_arch = arch
-    model.input_layer = input_layer_kind
+    # plain attributes of this model: nn.Module's __setattr__ is typed for tensors and modules only
+    model.cohen_arch = arch  # type: ignore[assignment]
+    model.input_layer = input_layer_kind  # type: ignore[assignment]
     return model
 
 
 # -- checkpoints -------------------------------------------------------------------------------
 _PREFIX = "module."
 _INPUT_LAYER_KEYS = {frozenset({"means", "sds"}): "normalize", frozenset({"means"}): "center"}
-_IMAGENET_RESNETS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
-                     (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101",
-                     (True, (3, 8, 36, 3)): "resnet152"}
+_IMAGENET_RESNETS: dict[tuple[bool, tuple[int, ...]], str] = {  # (bottleneck, blocks per stage) -> arch
+    (False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101",
+    (True, (3, 8, 36, 3)): "resnet152",
+}
 _OFFICIAL_NAME = {"normalize": "NormalizeLayer (input_layer=normalize)",
                   "center": "InputCenterLayer (input_layer=center)"}
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
@@ -74,6 +75,8 @@ class MaskedConv2d(nn.Conv2d):
     dense k x k convolution's multiply-adds. Masks are drawn on the CPU (torch's global
     generator) and copied to the weight's device.
     """
+
+    mask: torch.Tensor  # buffer (k, k) of 0/1, replaced (not updated in place) by resample()
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, taps: int = 2,
                  stride: int = 1) -> None:
@@ -190,10 +193,10 @@ def dcs_resnet18(in_channels: int, num_classes: int, masked_conv: int = 2, kerne
     official ``ResNet18_1layer`` default); ``masked_conv=3`` masks ``layer1[0].conv2``, the 3rd
     conv (the paper's text for CIFAR). The masked conv is k x k (64 -> 64, stride 1).
     """
-    from bench.models.backbones import ResNet
+    from bench.models.backbones import BasicBlock, ResNet
 
     net = ResNet((2, 2, 2, 2), in_channels, num_classes)
-    block = net.layer1[0]
+    block = cast(BasicBlock, net.layer1[0])  # layer1 is an nn.Sequential of BasicBlocks
     if masked_conv == 2:
         block.conv1 = MaskedConv2d(block.conv1.in_channels, block.conv1.out_channels, kernel_size, taps)
     elif masked_conv == 3:

@@ -77,7 +77,8 @@ def effective_sigma(alphas_cumprod: torch.Tensor, t: int) -> float:
     return float(denoiser_ratio(alphas_cumprod)[t]) / 2.0
 
 
-def predict_x0(output: torch.Tensor, x_t: torch.Tensor, abar_t: float, prediction_type: str = "epsilon") -> torch.Tensor:
+def predict_x0(output: torch.Tensor, x_t: torch.Tensor, abar_t: float,
+               prediction_type: str = "epsilon") -> torch.Tensor:
     """One-shot x0 estimate from the UNet output at step t, clipped to [-1, 1].
 
     ``epsilon``: ``(x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)``; ``sample``: the output itself;

@@ -48,6 +48,9 @@ class DDSModel(DefendedModel):
     adds_smoothing_noise = True
     smoothed_evaluation = True  # the defended classifier is g: a run predicts with PREDICT
 
+    denoiser: nn.Module  # set by __init__: the frozen DDPM UNet (diffusers UNet2DModel)
+    alphas_cumprod: torch.Tensor  # non-persistent buffer set by __init__: abar_t, float64, t = 0..T-1
+
     def __init__(self, net: nn.Module, denoiser: nn.Module, alphas_cumprod: torch.Tensor,
                  mean: Sequence[float], std: Sequence[float], input_shape: Sequence[int], num_classes: int,
                  task: str = "multiclass", *, sigma: float = 0.25, prediction_type: str = "epsilon",

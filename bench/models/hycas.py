@@ -14,8 +14,15 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.models.defended import DefendedModel
-from bench.models.lipschitz_layers import (AOLConv2d, AOLLinear, GroupSort, NoisyAttentionGate,
-                                           RandomProjectionConv2d, frozen_randomness, lipschitz_product)
+from bench.models.lipschitz_layers import (
+    AOLConv2d,
+    AOLLinear,
+    GroupSort,
+    NoisyAttentionGate,
+    RandomProjectionConv2d,
+    frozen_randomness,
+    lipschitz_product,
+)
 
 __all__ = ["ARCHS", "GUARANTEE", "HyCASModel", "build_hycas_net"]
 
@@ -66,6 +73,7 @@ def build_hycas_net(arch: str, in_channels: int, num_classes: int, image_size: i
         channels = nxt
     layers += [nn.Flatten(), AOLLinear(channels * size * size, num_classes)]
     net = nn.Sequential(*layers)
+    # a float attribute: nn.Module's __setattr__ is typed for tensors and modules only
     net.lipschitz = lipschitz_product(layers)  # type: ignore[assignment]
     return net
 

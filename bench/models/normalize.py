@@ -11,6 +11,9 @@ from torch import nn
 class Normalize(nn.Module):
     """(x - mean) / std per channel, with mean and std as registered buffers (they follow .to())."""
 
+    mean: torch.Tensor  # buffer, shape (1, C, 1, 1)
+    std: torch.Tensor  # buffer, shape (1, C, 1, 1)
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):

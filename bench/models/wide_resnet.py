@@ -76,7 +76,7 @@ class WideResNet(nn.Module):
         self.conv1 = _conv3x3(in_channels, channels[0], 1)
         stages = []
         for stage, stride in zip((1, 2, 3), (1, 2, 2)):
-            blocks = []
+            blocks: list[nn.Module] = []
             for i in range(n):
                 cin = channels[stage - 1] if i == 0 else channels[stage]
                 cout, s = channels[stage], stride if i == 0 else 1

@@ -23,9 +23,9 @@ class Recipe:
     ``adv_eps`` None means "the dataset's default eps for ``adv_norm``"; ``adv_step_size``
     None means 2.5 * eps / steps. ``class_weights="auto"`` weights the loss by inverse class
     frequency (positive/negative ratio per label for multilabel) on datasets flagged imbalanced,
-    so that a model cannot win by predicting the majority class. ``max_examples`` caps the number of epochs so that at most
-    about that many training examples are seen (CPU presets use it so large datasets finish in
-    minutes); :meth:`epochs_for` applies it.
+    so that a model cannot win by predicting the majority class. ``max_examples`` caps the number
+    of epochs so that at most about that many training examples are seen (CPU presets use it so
+    large datasets finish in minutes); :meth:`epochs_for` applies it.
     """
 
     epochs: int
