@@ -204,6 +204,20 @@ def test_torchrun_evaluation_stores_the_rows_of_one_process(tmp_path, one_thread
     assert all(e.finished for e in store.evaluations(run.id))
 
 
+@pytest.mark.postgres
+def test_torchrun_two_processes_write_to_postgresql(tmp_path, postgres_url, one_thread):
+    """2 torchrun processes sharing one PostgreSQL database store the rows of one process."""
+    reference = Store(f"sqlite:///{tmp_path / 'one.db'}")
+    ref_id = execute(CONFIG, reference)
+    done = _torchrun(2, postgres_url, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = Store(postgres_url)
+    (run,) = store.list_runs()
+    assert run.status is RunStatus.FINISHED and all(e.finished for e in store.evaluations(run.id))
+    assert _rows(store, run.id) == _rows(reference, ref_id)
+    store.close()
+
+
 @pytest.mark.slow
 def test_torchrun_three_processes_and_ddp_training(tmp_path, monkeypatch, one_thread):
     """3 processes store the rows of 1; a 2-process run that trains (DDP) completes, rank 0 caches
