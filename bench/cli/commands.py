@@ -222,8 +222,8 @@ def attack(
     as_json: JsonOpt = False,
 ) -> None:
     """Add an attack to a stored run: it runs on the examples still robust, so robust accuracy can only drop."""
-    from bench.config import AttackSpec, ThreatModel, parse_eps, parse_norm
-    from bench.harness.extend import add_attack
+    from bench.config import AttackSpec
+    from bench.harness.extend import add_attack, attack_threats
     from bench.results.queries import get_run_or_fail, run_summary
 
     store = _store(db)
@@ -232,7 +232,6 @@ def attack(
         if value is not None and value < 1:
             raise BenchError(f"invalid --{label} {value}: must be >= 1")
     from bench.harness.protocol import route_params
-    from bench.registry import ATTACKS
 
     overrides = dict(_parse_hparams(attack_param or [], "--attack-param"))
     overrides.update({k: v for k, v in (("steps", steps), ("restarts", restarts)) if v is not None})
@@ -242,19 +241,7 @@ def attack(
                          "see `bench list attacks`")
     params = tuple(sorted(routed.items()))
 
-    supported = ATTACKS.get(name).info.norms
-    run_threats = [(parse_norm(a["norm"]), a["eps"]) for a in run.config["protocol"]["attacks"]]
-    if norm is not None:
-        norms = [parse_norm(norm)]  # an unsupported explicit norm is reported by the attack
-    else:
-        norms = [n for n in dict.fromkeys(n for n, _ in run_threats) if n in supported] or list(supported[:1])
-    if eps:
-        threats = [ThreatModel(n, parse_eps(e)) for n in norms for e in eps]
-    else:
-        threats = [ThreatModel(n, e) for n, e in dict.fromkeys(run_threats) if n in norms]
-        if not threats:
-            raise BenchError(f"run {run_id} has no {'/'.join(n.value for n in norms)} threat model for attack "
-                             f"'{name}'; give --norm and --eps")
+    threats = attack_threats(run, name, norm, eps or [])
     from bench.cli.output import stderr
     from bench.progress import RichProgress
 

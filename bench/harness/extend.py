@@ -15,9 +15,10 @@ the record; identical concurrent stages share one position and cooperate on its 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from bench.config import AttackSpec
+from bench.config import AttackSpec, ThreatModel, parse_eps, parse_norm
 from bench.errors import BenchError
 from bench.harness.resolve import ResolvedRun
 from bench.harness.runner import record_result_checks
@@ -26,7 +27,10 @@ from bench.results.schema import EvalKind, RunStatus
 from bench.results.store import Store
 from bench.results.stored import ExtraAttack, StoredConfig
 
-__all__ = ["add_attack"]
+if TYPE_CHECKING:
+    from bench.results.schema import RunRow
+
+__all__ = ["add_attack", "attack_threats"]
 
 
 def _finished(store: Store, run_id: int, spec: AttackSpec) -> bool:
@@ -104,3 +108,26 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
         store.stop_clock(run_id)
     record_result_checks(store, run_id)
     return run_id
+
+
+def attack_threats(run: RunRow, attack: str, norm: str | None, eps: Sequence[str | float]) -> list[ThreatModel]:
+    """The threat models ``bench attack`` runs ``attack`` at on stored run ``run``.
+
+    ``norm`` (else each norm of the run's protocol attacks that the attack supports, else the
+    attack's first norm) times ``eps`` (else the run's own eps for those norms). A run with no
+    threat model of those norms and no ``eps`` is a :class:`BenchError`."""
+    from bench.registry import ATTACKS
+
+    supported = ATTACKS.get(attack).info.norms
+    run_threats = list(dict.fromkeys(a.threat for a in StoredConfig.from_json(run.config).protocol.attacks))
+    if norm is not None:
+        norms = [parse_norm(norm)]  # an unsupported explicit norm is reported by the attack
+    else:
+        norms = [n for n in dict.fromkeys(t.norm for t in run_threats) if n in supported] or list(supported[:1])
+    if eps:
+        return [ThreatModel(n, parse_eps(e)) for n in norms for e in eps]
+    threats = [t for t in run_threats if t.norm in norms]
+    if not threats:
+        raise BenchError(f"run {run.id} has no {'/'.join(n.value for n in norms)} threat model for attack "
+                         f"'{attack}'; give --norm and --eps")
+    return threats
