@@ -26,6 +26,7 @@ from bench.training.recipe import Recipe
 
 if TYPE_CHECKING:
     from bench.data.base import Dataset
+    from bench.models.defended import DefendedModel
     from bench.results.schema import RunRow
 
 __all__ = ["TRAINING_VERSION", "ResolvedRun", "check_attacks", "check_certifiers", "resolve"]
@@ -73,6 +74,14 @@ class ResolvedRun:
         return cls(config, defense, dataset, spec, stored.protocol, resolve_device(device), stored.hparams,
                    stored.image_size, stored.data_root, stored.recipe_name, recipe, stored.checkpoint_sha256,
                    key=run.key, stored=stored)
+
+    def fresh_model(self) -> DefendedModel:
+        """The defense's model freshly built with the run's seeded initial weights (they are part of
+        the seeded configuration: every build of a run, trained or loaded, starts from the same)."""
+        import torch
+
+        torch.manual_seed(self.config.seed)
+        return self.defense.build(self.spec, self.image_size, **self.hparams)
 
     @property
     def radii(self) -> tuple[float, ...]:

@@ -201,13 +201,10 @@ def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store, progress
     cached trained model, or train one and cache it.
 
     Returns the model (in eval mode), its ``models`` row id and its checkpoint's sha256."""
-    import torch
 
     if resolved.config.checkpoint:
         return _from_file(resolved, *(user_model or read_user_model(resolved)), store)
-    torch.manual_seed(resolved.config.seed)  # initial weights are part of the seeded configuration
-    model = resolved.defense.build(resolved.spec, resolved.image_size, **resolved.hparams)
-    return _cached_or_trained(resolved, model, store, progress)
+    return _cached_or_trained(resolved, resolved.fresh_model(), store, progress)
 
 
 def read_user_model(resolved: ResolvedRun) -> tuple[DefendedModel, dict[str, Any]]:
@@ -215,15 +212,13 @@ def read_user_model(resolved: ResolvedRun) -> tuple[DefendedModel, dict[str, Any
 
     The file is read with ``weights_only=True`` before the model is built; a file that is not a
     state dict of tensors, or does not fit the defense's model, is a :class:`CheckpointError`."""
-    import torch
 
     from bench.training.checkpoints import load_into, read_checkpoint
 
     path = resolved.config.checkpoint
     assert path is not None
     state, meta = read_checkpoint(path)
-    torch.manual_seed(resolved.config.seed)  # the same random state as a trained model's build
-    model = resolved.defense.build(resolved.spec, resolved.image_size, **resolved.hparams)
+    model = resolved.fresh_model()  # the same random state as a trained model's build
     load_into(resolved.defense, model, state, path)
     return model.eval(), meta
 
@@ -293,12 +288,10 @@ def _load_or_train(resolved: ResolvedRun, model: DefendedModel, store: Store, pr
             progress.log(f"using cached model {path}")
         except Exception as exc:  # noqa: BLE001 - a broken cache entry is retrained, never trusted
             progress.log(f"cached model {path} is unusable ({exc}); retraining")
-            torch.manual_seed(resolved.config.seed)
-            model = defense.build(spec, resolved.image_size, **resolved.hparams)
+            model = resolved.fresh_model()
     if distributed.from_main(summary is None):  # every rank trains (DDP) when rank 0 has no usable cache
         if summary is not None:  # this rank read a file rank 0 could not: train from the same initial weights
-            torch.manual_seed(resolved.config.seed)
-            model = defense.build(spec, resolved.image_size, **resolved.hparams)
+            model = resolved.fresh_model()
         progress.log(f"training {defense.name} on {spec.name} ({resolved.recipe_name} recipe, "
                      f"{recipe.epochs_for(len(train))} epochs, {resolved.device})")
         kwargs: dict[str, Any] = {}

@@ -119,6 +119,10 @@ class Evaluator:
         else:
             distributed.barrier()
 
+    def _skipped(self, ev: int) -> bool:
+        """Whether evaluation ``ev`` is recorded as not applicable to this model."""
+        return any(e.id == ev and e.skipped for e in self.store.evaluations(self.run_id))
+
     def _tensors(self, examples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.tensor([self.position_of[e] for e in examples])
         return self.images[pos].to(self.device), self.labels[pos].to(self.device)
@@ -224,7 +228,7 @@ class Evaluator:
         attack = ATTACKS.get(spec.attack)(**spec.kwargs)
         ev = self.store.evaluation(self.run_id, position, EvalKind.ATTACK, spec.attack, norm=spec.threat.norm.value,
                                    eps=spec.threat.eps, params=spec.kwargs)
-        if any(e.id == ev and e.skipped for e in self.store.evaluations(self.run_id)):
+        if self._skipped(ev):
             return alive  # recorded as not applicable to this model in an earlier session
         done = self.store.done_indices(ev)
         targets = list(self.index) if self.task == "multilabel" else [e for e in self.index if e in alive]
@@ -255,6 +259,6 @@ class Evaluator:
                                            backward=result.backward_passes)
                 task.advance(len(examples))
         self._end_stage(ev)
-        if self.shard[1] > 1 and any(e.id == ev and e.skipped for e in self.store.evaluations(self.run_id)):
+        if self.shard[1] > 1 and self._skipped(ev):
             return alive  # a rank found the attack not applicable
         return alive & self.store.correct_indices(ev)

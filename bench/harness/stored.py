@@ -23,7 +23,6 @@ def load_model(store: Store, run: RunRow, resolved: ResolvedRun) -> DefendedMode
 
     The checkpoint must still hash to the sha256 recorded with the run: a changed or missing
     file is a :class:`CheckpointError` (results of two models are never mixed)."""
-    import torch
 
     from bench.training.checkpoints import load_into, read_checkpoint, sha256_file
 
@@ -38,8 +37,7 @@ def load_model(store: Store, run: RunRow, resolved: ResolvedRun) -> DefendedMode
     if sha != model_row.checkpoint_sha256:
         raise CheckpointError(f"run {run.id}: checkpoint {path} changed since the run (sha256 {sha[:12]} != "
                               f"{(model_row.checkpoint_sha256 or '')[:12]}); refusing to mix results")
-    torch.manual_seed(resolved.config.seed)
-    model = resolved.defense.build(resolved.spec, resolved.image_size, **resolved.hparams)
+    model = resolved.fresh_model()
     state, _ = read_checkpoint(path)
     load_into(resolved.defense, model, state, path)
     return model.eval()
