@@ -189,29 +189,26 @@ def _recompute(store: Any, run_id: int, capsule: dict[str, Any], device: str) ->
 
 
 def _evaluator(store: Any, run_id: int, model: Any, data: Any, device: Any, resolved: Any, ev: dict[str, Any]) -> Any:
-    """An Evaluator scoring as the stage did: PREDICT for a smoothed model, else the stage's
-    stored number of draws (which also covers an escalated stage's raised R)."""
-    from bench.capabilities import capability
-    from bench.harness.stages import Evaluator, Scoring
+    """An Evaluator scoring as the stage did, through the one scoring policy with the stage's stored
+    number of draws R: PREDICT for a smoothed model, else R draws (R > 1 also covers an escalated
+    stage's raised R on a model whose randomness is undeclared)."""
+    from bench.harness.stages import Evaluator, scoring_for
     from bench.progress import Progress
 
-    if capability(model, "smoothed_evaluation"):
-        scoring = Scoring(1, smoothed=True)
-    else:
-        scoring = Scoring(max([int(r.get("draws") or 1) for r in ev["rows"]], default=1))
+    draws = max([int(r.get("draws") or 1) for r in ev["rows"]], default=1)
+    scoring = scoring_for(model, draws, randomized=True if draws > 1 else None)
     return Evaluator(store, run_id, model, data, device, resolved.config.batch_size, resolved.config.seed,
                      scoring, Progress(), frozen=resolved.protocol.frozen)
 
 
 def _run_stage(evaluator: Any, ev: dict[str, Any], radii: Sequence[float]) -> None:
-    from bench.config import AttackSpec, CertifySpec, ThreatModel, parse_norm
+    from bench.config import AttackSpec, CertifySpec
 
     params = ev.get("params") or {}
     if ev["kind"] == "clean":
         evaluator.clean()
     elif ev["kind"] == "attack":
-        attack = AttackSpec(ev["method"], ThreatModel(parse_norm(ev["norm"]), float(ev["eps"])),
-                            tuple(sorted(params.items())))
+        attack = AttackSpec.from_dict({**ev, "attack": ev["method"]})
         evaluator.attack(int(ev["position"]), attack, {int(r["example_index"]) for r in ev["rows"]})
     else:
         certify = CertifySpec(ev["method"], tuple(sorted((k, v) for k, v in params.items() if k != "certificate")))
