@@ -87,6 +87,26 @@ def _rows(store: Store, run_id: int) -> list[tuple]:
                    r.perturbation_norm) for r in store.results([e.id for e in evaluations]))
 
 
+def _scripted_claims(monkeypatch: pytest.MonkeyPatch, world: int, seed: int) -> None:
+    """Replace the rendezvous-store counter: the ranks of the sequential simulation below enter
+    each stage in turn (rank 0, 1, ...); each gets the batches a seeded random partition gives it
+    (every rank at least one), in increasing order, as if the ranks had raced for them."""
+    generator = torch.Generator().manual_seed(seed)
+    requests: dict[str, int] = {}
+    owners: dict[str, torch.Tensor] = {}
+
+    def claimer(key: str):
+        requests[key] = requests.get(key, 0) + 1
+        rank = (requests[key] - 1) % world
+        if key not in owners:  # one partition of the stage's batch numbers, shared by its ranks
+            owners[key] = torch.cat([torch.arange(world), torch.randint(world, (1000,), generator=generator)])
+        owner = owners[key]
+        mine = iter([number for number in range(len(owner)) if owner[number] == rank])
+        return lambda: next(mine)
+
+    monkeypatch.setattr(distributed, "claimer", claimer)
+
+
 def _sharded_evaluation(store: Store, model, data, world: int, attacks: list[AttackSpec]) -> tuple[int, list[int]]:
     """The stages of one run computed by ``world`` sharded Evaluators in turn, each stage completed
     by every rank before the next (what the barrier guarantees), then rank 0's unsharded pass."""
@@ -109,7 +129,7 @@ def _sharded_evaluation(store: Store, model, data, world: int, attacks: list[Att
     return run_id, [ev.forward_passes for ev in ranks]
 
 
-def test_sharded_stages_store_the_rows_of_one_process(data, db_url, one_thread):
+def test_sharded_stages_store_the_rows_of_one_process(data, db_url, one_thread, monkeypatch):
     train, test = data
     model = train_full_batch(linear_model(), train, steps=60)
     subset = test.subset(torch.arange(30))
@@ -118,6 +138,7 @@ def test_sharded_stages_store_the_rows_of_one_process(data, db_url, one_thread):
     store = Store(db_url)
     rows = {}
     for world in (1, 2, 3):
+        _scripted_claims(monkeypatch, world, seed=world)
         run_id, passes = _sharded_evaluation(store, model, subset, world, attacks)
         rows[world] = _rows(store, run_id)
         assert all(p > 0 for p in passes)  # every rank computed a share

@@ -23,7 +23,7 @@ from bench.certifiers.smoothing import predict
 from bench.config import AttackSpec, CertifySpec, stable_hash
 from bench.errors import AttackNotApplicable
 from bench.models.defended import DefendedModel
-from bench.progress import Progress
+from bench.progress import Progress, Task
 from bench.registry import ATTACKS, CERTIFIERS
 from bench.results.schema import EvalKind
 from bench.results.store import Store
@@ -82,9 +82,11 @@ def _seed(*parts: int) -> int:
 class Evaluator:
     """Runs the stages of one run over its examples, batch by batch, skipping stored rows.
 
-    Sharded (``shard = (rank, world)`` with world > 1, one Evaluator per torchrun rank): rank r
-    computes batches r, r+W, r+2W, ... of every stage. Each batch is formed and seeded as in a
-    one-process run, so the stored rows are identical whatever the world size. A sharded stage
+    Sharded (``shard = (rank, world)`` with world > 1, one Evaluator per torchrun rank): the ranks
+    share each stage's batches dynamically, each claiming the next unclaimed batch as soon as it is
+    free (:func:`bench.training.distributed.claimer`), so a rank whose batches were cheap takes more.
+    Each batch is formed and seeded as in a one-process run (by its number, not by who computes
+    it), so the stored rows are identical whatever the world size. A sharded stage
     ends at a barrier (every rank's rows are then stored) and leaves the evaluation unfinished;
     every rank then reads the still-robust set from the store, and rank 0's final unsharded pass
     (which finds every row present) marks the evaluations finished.
@@ -99,7 +101,7 @@ class Evaluator:
         self.draws = scoring.draws
         self.score_passes = scoring.passes  # forward passes per example of one scoring
         self.frozen = frozen  # attack one frozen draw (the authors' transfer-draw protocol)
-        self.shard = shard  # (rank, world): this process computes the batches whose number % world == rank
+        self.shard = shard  # (rank, world): world > 1 shares each stage's batches among the ranks
         self.index = [int(i) for i in data.indices.tolist()]
         self.position_of = {ex: pos for pos, ex in enumerate(self.index)}
         self.images, self.labels = data.images, data.labels
@@ -107,10 +109,21 @@ class Evaluator:
         self.forward_passes = 0
         self.backward_passes = 0
 
-    def _mine(self, number: int) -> bool:
-        """Whether batch ``number`` of a stage is this process's to compute."""
-        rank, world = self.shard
-        return number % world == rank
+    def _work(self, ev: int, batches: list[tuple[int, list[int]]], task: Task) -> Iterator[tuple[int, list[int]]]:
+        """The batches of evaluation ``ev`` this process computes, in increasing order: all of them
+        unsharded; sharded, those it claims (every batch is claimed by exactly one rank). ``task``
+        advances past each batch once it is computed here or claimed by another rank."""
+        sharded = self.shard[1] > 1
+        claim = distributed.claimer(f"bench/{self.run_id}/{ev}") if sharded else None
+        passed = 0  # batches[:passed] are computed here or claimed elsewhere
+        while (number := claim() if claim else passed) < len(batches):
+            for _, examples in batches[passed:number]:  # claimed by other ranks meanwhile
+                task.advance(len(examples))
+            yield batches[number]
+            task.advance(len(batches[number][1]))
+            passed = number + 1
+        for _, examples in batches[passed:]:
+            task.advance(len(examples))
 
     def _end_stage(self, ev: int) -> None:
         """Unsharded: mark the evaluation finished. Sharded: wait until every rank has stored its rows."""
@@ -176,15 +189,14 @@ class Evaluator:
         done = self.store.done_indices(ev)
         batches = list(_batches(self.index, self.batch_size))
         with self.progress.task("clean", total=len(self.index)) as task:
-            for number, examples in batches:
+            for number, examples in self._work(ev, batches, task):
                 todo = [e for e in examples if e not in done]
-                if todo and self._mine(number):
+                if todo:
                     torch.manual_seed(_seed(self.seed, 0, number))
                     x, y = self._tensors(todo)
                     pred, correct_draws, scores = self.score(x, y)
                     self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores),
                                            forward=self.score_passes * len(x))
-                task.advance(len(examples))
         self._end_stage(ev)
         return self.store.correct_indices(ev)
 
@@ -200,9 +212,9 @@ class Evaluator:
         done = self.store.done_indices(ev)
         size = max(1, min(self.batch_size, CERTIFY_BATCH))
         with self.progress.task(spec.label, total=len(self.index)) as task:
-            for number, examples in _batches(self.index, size):
+            for number, examples in self._work(ev, list(_batches(self.index, size)), task):
                 todo = [e for e in examples if e not in done]
-                if todo and self._mine(number):
+                if todo:
                     torch.manual_seed(_seed(self.seed, position, number))
                     x, y = self._tensors(todo)
                     certificates = certifier.certify(self.model, x, y)
@@ -217,7 +229,6 @@ class Evaluator:
                     samples = sum(c.samples for c in certificates)
                     self.forward_passes += samples
                     self.store.add_results(ev, rows, forward=samples)
-                task.advance(len(examples))
         self._end_stage(ev)
 
     def attack(self, position: int, spec: AttackSpec, alive: set[int]) -> set[int]:
@@ -233,9 +244,9 @@ class Evaluator:
         done = self.store.done_indices(ev)
         targets = list(self.index) if self.task == "multilabel" else [e for e in self.index if e in alive]
         with self.progress.task(spec.label, total=len(targets)) as task:
-            for number, examples in _batches(targets, self.batch_size):
+            for number, examples in self._work(ev, list(_batches(targets, self.batch_size)), task):
                 todo = [e for e in examples if e not in done]
-                if todo and self._mine(number):
+                if todo:
                     torch.manual_seed(_seed(self.seed, position, number))
                     x, y = self._tensors(todo)
                     try:
@@ -257,7 +268,6 @@ class Evaluator:
                     self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores, norms),
                                            forward=result.forward_passes + self.score_passes * len(x),
                                            backward=result.backward_passes)
-                task.advance(len(examples))
         self._end_stage(ev)
         if self.shard[1] > 1 and self._skipped(ev):
             return alive  # a rank found the attack not applicable

@@ -12,16 +12,17 @@ only :func:`init`, :func:`barrier` and :func:`shutdown` do, and only in a world 
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import TypeVar
 
 from bench.errors import BenchError
 
-__all__ = ["barrier", "from_main", "init", "is_main", "local_device", "local_rank", "main_first", "rank", "shutdown",
-           "world_size"]
+__all__ = ["barrier", "claimer", "from_main", "init", "is_main", "local_device", "local_rank", "main_first", "rank",
+           "shutdown", "world_size"]
 
 T = TypeVar("T")
 
@@ -103,6 +104,21 @@ def barrier() -> None:
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
+
+
+def claimer(key: str) -> Callable[[], int]:
+    """A function handing out 0, 1, 2, ... across every rank: each number goes to exactly one rank.
+
+    The counter ``key`` lives in torchrun's rendezvous store (one atomic ``add`` per call), so
+    ranks take the next unclaimed unit of work as soon as they are free, whatever each unit costs.
+    In a world of size 1 it is a local counter. Use a fresh ``key`` for each piece of work."""
+    if world_size() == 1 or not _initialised():
+        count = itertools.count()
+        return lambda: next(count)
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    return lambda: int(store.add(key, 1)) - 1
 
 
 def shutdown() -> None:
