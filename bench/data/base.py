@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from bench.config import ThreatModel
+from bench.data.download import NETWORK_ERRORS, DownloadError, describe
 from bench.errors import BenchError, DatasetNotFoundError
 
 if TYPE_CHECKING:
@@ -126,6 +127,13 @@ class Dataset:
     name: ClassVar[str] = ""
     spec: ClassVar[DatasetSpec]
     reads_files: ClassVar[bool] = True  # False for datasets that ignore --data-dir (bundled or generated)
+    #: What ``load(download=True)`` does. True: :meth:`download` fetches the missing files before
+    #: anything reads them. False: the files cannot be downloaded; when they are missing, the error
+    #: says so at once (no network access), with ``no_download`` (why) and ``layout``. None (not
+    #: declared): ``download`` is only passed on to ``_load`` (CIFAR fetches there via torchvision).
+    downloadable: ClassVar[bool | None] = None
+    no_download: ClassVar[str] = "bench knows no public download for it"
+    layout: ClassVar[str] = ""  # the expected files under root, one line, for messages
 
     def default_root(self) -> Path | None:
         """``$BENCH_DATA/<name>`` when BENCH_DATA is set."""
@@ -140,9 +148,31 @@ class Dataset:
              download: bool = False, progress: Any = None) -> Split:
         """Load ``split`` as float images in [0, 1], resized to ``image_size`` (default: the spec's).
 
-        ``download`` lets datasets that support it fetch their files (only when the user asks).
+        ``download`` lets datasets that support it fetch their files (only when the user asks); on
+        the others it fails at once with a one-line error when files are missing (see ``downloadable``).
         """
         resolved_root = Path(root).expanduser() if root is not None else self.default_root()
+        if not (download and self.reads_files):
+            return self._load_split(split, resolved_root, image_size, download=download, progress=progress)
+        self.fetch_missing(resolved_root, progress)
+        try:
+            return self._load_split(split, resolved_root, image_size, download=True, progress=progress)
+        except DatasetNotFoundError as exc:
+            if self.downloadable is False:
+                raise self.cannot_download(resolved_root, exc) from None
+            raise
+        except NETWORK_ERRORS as exc:  # from a loader that fetches by itself (torchvision for CIFAR)
+            raise self._network_failed(resolved_root, exc) from None
+
+    def _network_failed(self, root: Path | None, exc: BaseException) -> DownloadError:
+        spec = self.spec
+        where = f"under {root}" if root is not None else "in the folder given to --data-dir"
+        return DownloadError(f"dataset '{spec.name}': cannot download its files: {describe(exc)}; place them {where} "
+                             "instead" + (f"; {spec.obtain}" if spec.obtain else ""))
+
+    def _load_split(self, split: str, resolved_root: Path | None, image_size: int | None, *, download: bool,
+                    progress: Any) -> Split:
+        """``load`` without the download handling: read, convert to float, resize, check."""
         spec = self.resolve_spec(resolved_root)
         if split not in spec.splits:
             raise BenchError(f"dataset '{spec.name}' has no split '{split}'; splits: {', '.join(spec.splits)}")
@@ -165,6 +195,29 @@ class Dataset:
     def _load(self, split: str, root: Path | None, image_size: int, *, download: bool = False,
               progress: Any = None) -> Split:
         raise NotImplementedError
+
+    def fetch_missing(self, root: Path | None, progress: Any = None) -> None:
+        """What ``--download`` does before anything reads ``root``: :meth:`download` for datasets
+        that fetch their files themselves (``downloadable`` True); nothing for the others. Call it
+        before :meth:`resolve_spec` where that reads the files (MedMNIST)."""
+        if self.downloadable and self.reads_files:
+            self.download(root, progress)
+
+    def download(self, root: Path | None, progress: Any = None) -> None:
+        """Fetch the files missing under ``root`` (called by ``load(download=True)`` when
+        ``downloadable`` is True, before anything reads ``root``). Guarantee: returns only when the
+        files the loader reads are there (already, or fetched whole); otherwise raises a one-line
+        :class:`~bench.errors.BenchError`. The default fetches nothing."""
+
+    def cannot_download(self, root: Path | None, missing: DatasetNotFoundError) -> DatasetNotFoundError:
+        """The one-line error for ``--download`` on a dataset whose files are missing and cannot be fetched."""
+        spec = self.spec
+        head = f"dataset '{spec.name}': --download cannot fetch it ({self.no_download})"
+        if not self.layout:
+            return DatasetNotFoundError(f"{head}; " + str(missing).removeprefix(f"dataset '{spec.name}': "))
+        where = root if root is not None else f"--data-dir or $BENCH_DATA/{spec.name}"
+        return DatasetNotFoundError(f"{head}; " + (f"{spec.obtain}; " if spec.obtain else "")
+                                    + f"then place under {where}: {self.layout}")
 
     def require_root(self, root: Path | None, expected: str) -> Path:
         """``root`` if it exists, else a one-line error naming the expected files and their source."""

@@ -13,6 +13,9 @@ Splits ``train``/``val``/``test`` (70/15/15 %) are drawn from the metadata, grou
 computed on all 10,015 metadata rows, so they do not depend on which files are present. Images
 whose file is missing are counted, reported and skipped. ``isic2018-test`` is the official
 external test set when its ground truth and images are present.
+
+``--download`` cannot fetch the files (Harvard Dataverse, doi:10.7910/DVN/DBW86T, asks users to
+accept its terms of use first): with missing files it fails at once, naming the source and layout.
 """
 
 from __future__ import annotations
@@ -34,13 +37,21 @@ TEST_CSV = "ISIC2018_Task3_Test_GroundTruth.csv"
 TEST_DIRS = ("ISIC2018_Task3_Test_Images", "ISIC2018_Task3_Test_Input", ".")
 FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 SPLIT_SEED = 0
-OBTAIN = ("obtain the official release from the ISIC archive (https://challenge.isic-archive.com/data/#2018) "
-          "or Kaggle (kmader/skin-cancer-mnist-ham10000)")
+OBTAIN = ("obtain the official release from Harvard Dataverse (https://doi.org/10.7910/DVN/DBW86T, after accepting "
+          "its terms of use), the ISIC archive (https://challenge.isic-archive.com/data/#2018) or Kaggle "
+          "(kmader/skin-cancer-mnist-ham10000)")
+LAYOUT = (f"{METADATA}, HAM10000_images_part_1/ISIC_*.jpg and HAM10000_images_part_2/ISIC_*.jpg (the two image "
+          f"archives unpacked; or the images directly under root); for --split isic2018-test also {TEST_CSV} and "
+          f"{TEST_DIRS[0]}/ISIC_*.jpg")
 
 
 @register_dataset("ham10000")
 class HAM10000(Dataset):
     """HAM10000 dermoscopy images, 7 classes; lesion-grouped splits."""
+
+    downloadable = False  # no stable direct URL: Dataverse asks to accept terms of use first
+    no_download = "the official files sit behind Harvard Dataverse's terms-of-use page"
+    layout = LAYOUT
 
     spec = DatasetSpec(
         name="ham10000",

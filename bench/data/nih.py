@@ -13,6 +13,9 @@ in two splits. Images are kept grayscale (1 channel). Missing image files are co
 
 ``nih-chestxray`` labels an image 0 ("No Finding") or 1 (any of the 14 findings);
 ``nih-chestxray14`` gives the 14-dimensional multi-hot finding vector.
+
+``--download`` cannot fetch the files (the NIH release is a Box folder, without stable direct
+links): with missing files it fails at once, naming the source and layout.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ VAL_FRACTION_OF_TRAIN_VAL = 0.1
 SPLIT_SEED = 0
 OBTAIN = ("obtain ChestX-ray14 from the NIH Clinical Center (https://nihcc.app.box.com/v/ChestXray-NIHCC) "
           "or Kaggle (nih-chest-xrays/data)")
+LAYOUT = (f"{CSV_NAMES[0]} (or {CSV_NAMES[1]}) and the PNG images as images_001/images/*.png ... "
+          "images_012/images/*.png (or images/*.png, or *.png); optional: train_val_list.txt and test_list.txt "
+          "(the official split)")
 
 _COMMON: dict[str, Any] = dict(  # the DatasetSpec fields both NIH tasks share
     input_shape=(1, 1024, 1024),
@@ -56,6 +62,9 @@ _COMMON: dict[str, Any] = dict(  # the DatasetSpec fields both NIH tasks share
 
 class _NIH(Dataset):
     multilabel = False
+    downloadable = False  # the NIH release is a Box share: no stable direct URLs
+    no_download = "the NIH release is a Box folder without stable direct links"
+    layout = LAYOUT
 
     def _load(self, split: str, root: Path | None, image_size: int, *, download: bool = False,
               progress: Any = None) -> Split:
