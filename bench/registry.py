@@ -294,6 +294,8 @@ _BUILTINS: dict[Registry[Any], dict[str, tuple[str, str]]] = {
         "dds": ("bench.defenses.dds:DDS", "Carlini et al. 2023 diffusion denoised smoothing (DDPM one-shot denoiser)"),
         "dds-rcs": ("bench.defenses.dds:DDSRobust",
                     "Hedayatnia et al. 2025 DDS with a covariate-shift-robust classifier"),
+        "model": ("bench.defenses.external:ExternalModel",
+                  "your own model: bench run --model SPEC --checkpoint FILE, or bench.evaluate(model)"),
     },
     ATTACKS: {
         "pgd": ("bench.attacks.pgd:PGD", "projected gradient descent, Linf and L2 (torchattacks)"),

@@ -119,7 +119,9 @@ def _build(name: str) -> tuple[object, DefendedModel]:
         pytest.importorskip("diffusers", reason="the dds defenses build a diffusers UNet")
     spec = get_dataset("synthetic").spec
     defense = DEFENSES.get(name)()
-    hparams = defense.resolve_hparams({"denoiser_width": 8} if name.startswith("dds") else {}, spec.image_size, "cpu")
+    given = {"denoiser_width": 8} if name.startswith("dds") else {}
+    given = {"model": "torch.nn:Flatten"} if name == "model" else given  # any factory: only declarations are read
+    hparams = defense.resolve_hparams(given, spec.image_size, "cpu")
     torch.manual_seed(0)
     return defense.info, defense.build(spec, spec.image_size, **hparams)
 

@@ -287,7 +287,6 @@ def test_cannot_download_fails_at_once(tmp_path: Path, no_network: list, name: s
     assert no_network == []
 
 
-@pytest.mark.xfail(strict=True, reason="bench/data/imagenet.py does not declare `downloadable = False` yet")
 def test_imagenet_cannot_download(tmp_path: Path, no_network: list) -> None:
     with pytest.raises(BenchError) as exc:
         get_dataset("imagenet").load("val", tmp_path, download=True)

@@ -80,6 +80,28 @@ def _parse_radii(text: str | None) -> tuple[float, ...]:
     return tuple(sorted(set(values)))
 
 
+def _model_hparams(spec: str, args: list[str], normalize: str | None, name: str | None,
+                   hparams: tuple[tuple[str, Any], ...], pretrained: bool) -> tuple[tuple[str, Any], ...]:
+    """The ``model`` defense's hyperparameters from ``--model`` and its options (``--hparam``
+    may add the declarations: randomized, sigma, lipschitz_bound)."""
+    out = dict(hparams)
+    clash = {"model", "args", "normalize", "name", "pretrained"} & set(out)
+    if clash:
+        raise BenchError(f"--hparam {', '.join(sorted(clash))}: use --model, --model-arg, --normalize, --name "
+                         "and --download instead")
+    out.update(model=spec, args=dict(_parse_hparams(args, "--model-arg")), pretrained=pretrained)
+    if normalize is not None:
+        from bench.models.external import parse_normalize
+        from bench.models.names import NORMALIZE_PRESETS
+
+        parsed = parse_normalize(normalize)
+        out["normalize"] = normalize.lower() if normalize.lower() in NORMALIZE_PRESETS else \
+            [list(parsed[0]), list(parsed[1])] if parsed else None
+    if name is not None:
+        out["name"] = name
+    return tuple(sorted(out.items()))
+
+
 def _certify_params(sigma: float | None, n0: int | None, n: int | None, alpha: float | None, sequential: bool,
                     items: list[str]) -> tuple[tuple[str, Any], ...]:
     params = dict(_parse_hparams(items, "--certify-param"))
@@ -91,9 +113,21 @@ def _certify_params(sigma: float | None, n0: int | None, n: int | None, alpha: f
 @app.command()
 @user_errors
 def run(
-    defense: Annotated[str, typer.Option("--defense", "-d", help="Defense registry name (see `bench list defenses`).")],
+    defense: Annotated[Optional[str], typer.Option("--defense", "-d", help="Defense registry name (see `bench list "
+                                                   "defenses`).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Your own model instead of a defense: "
+                                                 "torchvision:NAME, timm:NAME or MODULE:FACTORY, weights from "
+                                                 "--checkpoint (see docs/own-model.md).", show_default=False)] = None,
+    model_arg: Annotated[Optional[list[str]], typer.Option(
+        "--model-arg", help="--model factory keyword argument key=value (JSON value, repeatable).")] = None,
+    normalize: Annotated[Optional[str], typer.Option(
+        help="--model: normalization outside the model, applied first: cifar10, cifar100, imagenet or "
+             "MEAN/STD (comma-separated channels).", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(help="--model: the run's name on the leaderboard "
+                                                "[default: the SPEC].", show_default=False)] = None,
     dataset: Annotated[str, typer.Option("--dataset", help="Dataset registry name.")] = "digits",
-    protocol: Annotated[Optional[str], typer.Option(help="Named protocol, e.g. pgd or pgd@1 [default: pgd].",
+    protocol: Annotated[Optional[str], typer.Option(help="Named protocol, e.g. autoattack, pgd or pgd@1 "
+                                                    "[default: the defense's; autoattack for deterministic models].",
                                                     show_default=False)] = None,
     attack: Annotated[Optional[list[str]], typer.Option("--attack",
                                                         help="Custom protocol: attack name (repeatable).")] = None,
@@ -119,8 +153,9 @@ def run(
     data_dir: Annotated[Optional[Path], typer.Option(help="Dataset root [default: $BENCH_DATA/<dataset>].")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Resize images to this side length.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate, e.g. test, val, isic2018-test.")] = "test",
-    download: Annotated[bool, typer.Option("--download", help="Let datasets that support it (CIFAR) download "
-                                           "their files (needs internet).")] = False,
+    download: Annotated[bool, typer.Option("--download", help="Let datasets that support it (CIFAR, MedMNIST) "
+                                           "download their files, and --model torchvision:/timm: models without "
+                                           "--checkpoint their pretrained weights (needs internet).")] = False,
     hparam: Annotated[Optional[list[str]], typer.Option(
         "--hparam", help="Defense hyperparameter key=value (repeatable).")] = None,
     certify: Annotated[Optional[list[str]], typer.Option("--certify", help="Certifier (repeatable): smoothing, "
@@ -155,6 +190,16 @@ def run(
     from bench.results.store import resolve_url
 
     resolve_url(db)  # an empty --db or $BENCH_DB is refused before anything else
+    hparams = _parse_hparams(hparam or [])
+    if model is not None and defense is not None:
+        raise BenchError("give either --defense NAME or --model SPEC, not both")
+    if model is not None:
+        defense, hparams = "model", _model_hparams(model, model_arg or [], normalize, name, hparams,
+                                                   pretrained=download and checkpoint is None)
+    elif defense is None:
+        raise BenchError("give --defense NAME (see `bench list defenses`) or --model SPEC")
+    elif model_arg or normalize is not None or name is not None:
+        raise BenchError("--model-arg, --normalize and --name apply to --model runs only")
     config = RunConfig(
         defense=defense, dataset=dataset, protocol=protocol, attacks=tuple(attack or ()), norm=norm,
         eps=tuple(parse_eps(e) for e in (eps or ())), steps=steps, restarts=restarts, draws=draws,
@@ -165,7 +210,7 @@ def run(
         checkpoint=str(checkpoint) if checkpoint is not None else None,
         data_dir=str(data_dir) if data_dir is not None else None, image_size=image_size, split=split,
         download=download,
-        hparams=_parse_hparams(hparam or []),
+        hparams=hparams,
     )
     resolved = resolve(config)  # validates the options before any store is looked at
     store, run_id, stored, progress = _stored_or_executed(resolved, db)
@@ -183,9 +228,8 @@ def run(
     from bench.cli.output import warn
     from bench.harness.protocol import is_adaptive
 
-    if getattr(getattr(resolved.defense, "info", None), "randomized", False) and \
-            not is_adaptive(resolved.protocol.name):
-        warn(f"'{resolved.defense.name}' is randomized but protocol {resolved.protocol.key} is not adaptive: its "
+    if resolved.info.randomized and not is_adaptive(resolved.protocol.name):
+        warn(f"'{resolved.label}' is randomized but protocol {resolved.protocol.key} is not adaptive: its "
              "robust accuracy is likely overestimated (the leaderboard marks it with †); use --protocol adaptive")
     if config.n_examples is not None and config.n_examples > summary["n_examples"]:
         warn(f"-n {config.n_examples} exceeds the split: evaluated all {summary['n_examples']} examples")

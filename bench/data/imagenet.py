@@ -31,6 +31,9 @@ OBTAIN = "obtain ILSVRC 2012 from https://image-net.org (sort val images into cl
 class ImageNet(Dataset):
     """ImageNet-1k; val in wnid class folders; seeded 5,000-image evaluation subset."""
 
+    downloadable = False
+    no_download = "ImageNet's license requires registering at image-net.org"
+
     spec = DatasetSpec(
         name="imagenet", task="multiclass", classes=tuple(f"class{i}" for i in range(N_CLASSES)),
         input_shape=(3, 224, 224), image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),

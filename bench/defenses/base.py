@@ -62,6 +62,7 @@ class Defense:
     name: ClassVar[str] = ""
     info: ClassVar[DefenseInfo]
     recipes: ClassVar[dict[str, Recipe]] = {}
+    trainable: ClassVar[bool] = True  # False: the weights always come from a checkpoint or the caller
     parameters: ClassVar[dict[str, Param]] = {"arch": Param("auto", str)}
     hparams: ClassVar[dict[str, Any]] = {"arch": "auto"}  # derived from ``parameters``: the defaults
 
@@ -89,6 +90,15 @@ class Defense:
 
             resolved["arch"] = resolve_arch(str(resolved["arch"]), image_size, recipe)
         return resolved
+
+    def declared(self, hparams: dict[str, Any]) -> DefenseInfo:
+        """What a model built with ``hparams`` declares (randomized, certificates, default protocol):
+        ``info`` for a defense whose declarations do not depend on its hyperparameters."""
+        return self.info
+
+    def label(self, hparams: dict[str, Any]) -> str:
+        """The name a run of this defense with ``hparams`` shows on the leaderboard."""
+        return self.name
 
     def recipe(self, preset: str) -> Recipe:
         if preset not in self.recipes:

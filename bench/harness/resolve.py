@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import bench
 from bench.config import AttackSpec, CertifySpec, RunConfig, stable_hash
 from bench.data.base import DatasetSpec
-from bench.defenses.base import Defense
+from bench.defenses.base import Defense, DefenseInfo
 from bench.device import device_kind, resolve_device
 from bench.errors import BenchError
 from bench.harness.protocol import Protocol, resolve_protocol
@@ -75,6 +75,23 @@ class ResolvedRun:
                    stored.image_size, stored.data_root, stored.recipe_name, recipe, stored.checkpoint_sha256,
                    key=run.key, stored=stored)
 
+    @property
+    def info(self) -> DefenseInfo:
+        """What this run's model declares (``Defense.declared``: the defense's ``info``, or for a
+        user's model, what its hyperparameters declare)."""
+        return self.defense.declared(self.hparams)
+
+    @property
+    def label(self) -> str:
+        """The name the run shows on the leaderboard (the defense, or the user's model name)."""
+        return self.defense.label(self.hparams)
+
+    @property
+    def trains(self) -> bool:
+        """Whether the model's weights come from bench's training (else from a file, a download or
+        the caller)."""
+        return self.recipe is not None
+
     def fresh_model(self) -> DefendedModel:
         """The defense's model freshly built with the run's seeded initial weights (they are part of
         the seeded configuration: every build of a run, trained or loaded, starts from the same)."""
@@ -91,7 +108,7 @@ class ResolvedRun:
     def to_dict(self) -> dict[str, Any]:
         return {
             "defense": self.defense.name,
-            "defense_info": _info_dict(self.defense),
+            "defense_info": _info_dict(self.info),
             "dataset": self.spec.name,
             "dataset_entry": self.config.dataset,
             "dataset_spec": self.spec.to_dict(),
@@ -112,8 +129,7 @@ class ResolvedRun:
         }
 
 
-def _info_dict(defense: Defense) -> dict[str, Any] | None:
-    info = getattr(defense, "info", None)
+def _info_dict(info: DefenseInfo | None) -> dict[str, Any] | None:
     if info is None:
         return None
     out = asdict(info)
@@ -123,10 +139,11 @@ def _info_dict(defense: Defense) -> dict[str, Any] | None:
     return out
 
 
-def resolve(config: RunConfig) -> ResolvedRun:
-    """Validate ``config`` and fill in defaults, without importing torch when avoidable."""
-    from bench.training.checkpoints import sha256_file
+def resolve(config: RunConfig, model_hash: str | None = None) -> ResolvedRun:
+    """Validate ``config`` and fill in defaults, without importing torch when avoidable.
 
+    ``model_hash`` identifies a model the caller supplies (the Python API): it stands for the
+    checkpoint's sha256, and nothing is trained."""
     config.validate()
     config = replace(config, defense=DEFENSES.normalize(config.defense), dataset=DATASETS.normalize(config.dataset),
                      attacks=tuple(ATTACKS.normalize(a) for a in config.attacks))
@@ -134,30 +151,44 @@ def resolve(config: RunConfig) -> ResolvedRun:
     dataset: Dataset = DATASETS.get(config.dataset)()
     root = (config.data_dir or dataset.default_root()) if dataset.reads_files else None
     data_root = str(Path(root).expanduser().resolve()) if root else None
+    if config.download:  # before the spec reads the root: datasets that can fetch their files do so now
+        dataset.fetch_missing(Path(data_root) if data_root else None)
     spec: DatasetSpec = dataset.resolve_spec(data_root)
     if config.split not in spec.splits:
         raise BenchError(f"dataset '{spec.name}' has no split '{config.split}'; splits: {', '.join(spec.splits)}")
-    info = getattr(defense, "info", None)
-    protocol = resolve_protocol(config, spec, randomized=bool(getattr(info, "randomized", False)),
-                                certificates=tuple(getattr(info, "certificates", ())),
-                                default=getattr(info, "default_protocol", None),
-                                smoothed=bool(getattr(info, "smoothed", False)))
     device = resolve_device(config.device)
     image_size = config.image_size or spec.image_size
-    recipe_name: str | None = None
-    recipe: Recipe | None = None
-    checkpoint_sha = None
-    if config.checkpoint:
-        checkpoint_sha = sha256_file(config.checkpoint)
-    else:
-        recipe_name = config.recipe if config.recipe != "auto" else ("cpu" if device_kind(device) == "cpu" else "paper")
-        recipe = defense.recipe(recipe_name)
-        if config.epochs is not None:  # an explicit number of epochs is not capped by the examples budget
-            recipe = replace(recipe, epochs=config.epochs, max_examples=None)
+    recipe_name, recipe, checkpoint_sha = _weights(config, defense, device, model_hash)
     hparams = defense.resolve_hparams(dict(config.hparams), image_size, recipe_name)
+    info = defense.declared(hparams)
+    protocol = resolve_protocol(config, spec, randomized=info.randomized, certificates=tuple(info.certificates),
+                                default=info.default_protocol, smoothed=info.smoothed)
     partial = ResolvedRun(config, defense, dataset, spec, protocol, device, hparams, image_size, data_root, recipe_name,
                           recipe, checkpoint_sha, key="")
     return ResolvedRun(**{**partial.__dict__, "key": stable_hash(partial.to_dict(), 32)})
+
+
+def _weights(config: RunConfig, defense: Defense, device: str,
+             model_hash: str | None) -> tuple[str | None, Recipe | None, str | None]:
+    """Where the model's weights come from: ``(recipe name, recipe, None)`` when bench trains it,
+    ``(None, None, sha256)`` for a checkpoint file or a caller's model, ``(None, None, None)``
+    for pretrained weights a model's factory downloads."""
+    from bench.training.checkpoints import sha256_file
+
+    if config.checkpoint:
+        return None, None, sha256_file(config.checkpoint)
+    if model_hash is not None:
+        return None, None, model_hash
+    if not defense.trainable:  # a model bench does not train (--model)
+        if dict(config.hparams).get("pretrained"):
+            return None, None, None
+        raise BenchError(f"'{defense.label(dict(config.hparams))}' is not trained by bench: give --checkpoint FILE "
+                         "(or --download for torchvision/timm pretrained weights)")
+    recipe_name = config.recipe if config.recipe != "auto" else ("cpu" if device_kind(device) == "cpu" else "paper")
+    recipe = defense.recipe(recipe_name)
+    if config.epochs is not None:  # an explicit number of epochs is not capped by the examples budget
+        recipe = replace(recipe, epochs=config.epochs, max_examples=None)
+    return recipe_name, recipe, None
 
 
 def check_attacks(specs: Iterable[AttackSpec]) -> None:

@@ -47,13 +47,16 @@ class PreparedRun:
     started: float  # time.perf_counter() when preparation began: the session's wall time counts from here
 
 
-def prepare(config: RunConfig | ResolvedRun, progress: Progress | None = None) -> PreparedRun:
+def prepare(config: RunConfig | ResolvedRun, progress: Progress | None = None,
+            user_model: tuple[DefendedModel, dict[str, Any]] | None = None) -> PreparedRun:
     """Check everything a run can refuse, writing nothing; raise :class:`BenchError` on the first problem.
 
     Builds every attack and certifier (checking their parameters, norms and the model they
     certify), refuses a configuration holding a non-finite number, loads the evaluated split
     (the dataset's files) and selects the examples, and reads a user ``--checkpoint``
     (``weights_only=True``) into a freshly built model, so a file that does not fit is refused.
+    ``user_model`` is a model the caller built (the Python API). A user's model (``--model``,
+    the API) must map the examples to logits (:func:`bench.models.external.check_logits`).
     Training, which needs the store to record its model, comes later."""
     started = time.perf_counter()
     resolved = config if isinstance(config, ResolvedRun) else resolve(config)
@@ -67,7 +70,13 @@ def prepare(config: RunConfig | ResolvedRun, progress: Progress | None = None) -
     if requested is not None and requested > len(full):
         progress.log(f"{resolved.spec.name}/{resolved.config.split} has {len(full)} examples, fewer than the "
                      f"{requested} asked for: evaluating all {len(full)}")
-    user_model = read_user_model(resolved) if resolved.config.checkpoint else None
+    if user_model is None and not resolved.trains:
+        user_model = read_user_model(resolved)
+    if user_model is not None and not resolved.defense.trainable:
+        from bench.models.external import check_logits
+
+        check_logits(user_model[0], examples.images[:4], resolved.spec.num_classes, resolved.spec.task,
+                     f"model '{resolved.label}'")
     return PreparedRun(resolved, examples, user_model, started)
 
 
@@ -112,7 +121,7 @@ def _execute(prepared: PreparedRun, store: Store, progress: Progress, run_id: in
     model, model_id, model_sha = obtain_model(resolved, resolved.dataset, store, progress, prepared.user_model)
     prov = provenance.collect(device=resolved.device, seed=resolved.config.seed, dataset=resolved.spec.name,
                               indices_hash=idx_hash, checkpoint_sha256=model_sha, data_root=resolved.data_root)
-    fields = dict(model_id=model_id, defense=resolved.defense.name, dataset=resolved.spec.name,
+    fields = dict(model_id=model_id, defense=resolved.label, dataset=resolved.spec.name,
                   protocol=resolved.protocol.name, protocol_version=resolved.protocol.version,
                   config=resolved.to_dict(), seed=resolved.config.seed, n_examples=len(test),
                   indices_hash=idx_hash, indices=test.indices.tolist(), provenance=prov)
@@ -202,42 +211,53 @@ def obtain_model(resolved: ResolvedRun, dataset: Dataset, store: Store, progress
 
     Returns the model (in eval mode), its ``models`` row id and its checkpoint's sha256."""
 
-    if resolved.config.checkpoint:
+    if not resolved.trains:
         return _from_file(resolved, *(user_model or read_user_model(resolved)), store)
     return _cached_or_trained(resolved, resolved.fresh_model(), store, progress)
 
 
 def read_user_model(resolved: ResolvedRun) -> tuple[DefendedModel, dict[str, Any]]:
-    """The run's ``--checkpoint`` loaded into a freshly built model (eval mode), and the file's meta.
+    """The run's ``--checkpoint`` loaded into a freshly built model (eval mode), and the file's meta;
+    without a checkpoint, the model its factory builds with pretrained weights (``--model`` with
+    ``--download``).
 
     The file is read with ``weights_only=True`` before the model is built; a file that is not a
     state dict of tensors, or does not fit the defense's model, is a :class:`CheckpointError`."""
 
-    from bench.training.checkpoints import load_into, read_checkpoint
+    from bench.training.checkpoints import check_meta_defense, load_into, read_checkpoint
 
     path = resolved.config.checkpoint
-    assert path is not None
+    if path is None:
+        return resolved.fresh_model().eval(), {}
     state, meta = read_checkpoint(path)
+    check_meta_defense(meta, resolved.defense.name, path, dataset=resolved.spec.name)
     model = resolved.fresh_model()  # the same random state as a trained model's build
     load_into(resolved.defense, model, state, path)
     return model.eval(), meta
 
 
 def _model_fields(resolved: ResolvedRun) -> dict[str, Any]:
-    return dict(defense=resolved.defense.name, dataset=resolved.spec.name, arch=str(resolved.hparams.get("arch")),
+    arch = resolved.hparams.get("arch") or resolved.hparams.get("model") or resolved.label
+    return dict(defense=resolved.defense.name, dataset=resolved.spec.name, arch=str(arch)[:128],
                 hparams=resolved.hparams)
 
 
 def _from_file(resolved: ResolvedRun, model: DefendedModel, meta: dict[str, Any],
                store: Store) -> tuple[DefendedModel, int, str]:
-    path, sha = resolved.config.checkpoint, resolved.checkpoint_sha256
-    assert path is not None and sha is not None
+    """The models row of a model bench did not train: a checkpoint file (``source="file"``), a
+    caller's module (``"python"``, identified by the hash of its weights) or a factory's
+    pretrained weights (``"pretrained"``, likewise)."""
+    from bench.models.external import state_hash
+
+    path = resolved.config.checkpoint
+    sha = resolved.checkpoint_sha256 or state_hash(getattr(model, "net", model))
+    source = "file" if path else "python" if resolved.checkpoint_sha256 else "pretrained"
     key = stable_hash({"file": sha, "defense": resolved.defense.name, "dataset": resolved.spec.name,
                        "hparams": resolved.hparams, "image_size": resolved.image_size}, 32)
     with distributed.main_first():  # rank 0 creates the models row, the others find it
-        model_id = store.upsert_model(key, **_model_fields(resolved), recipe=None, source="file",
-                                      checkpoint_path=str(Path(path).resolve()), checkpoint_sha256=sha,
-                                      train_summary=meta.get("train_summary"))
+        model_id = store.upsert_model(key, **_model_fields(resolved), recipe=None, source=source,
+                                      checkpoint_path=str(Path(path).resolve()) if path else None,
+                                      checkpoint_sha256=sha, train_summary=meta.get("train_summary"))
     return model.eval(), model_id, sha
 
 

@@ -24,3 +24,13 @@ COHEN_ARCH_NAMES = ("cifar_resnet20", "cifar_resnet110", "resnet50")
 # Their input layer: ``normalize`` = the official NormalizeLayer ((x - mean) / std),
 # ``center`` = the official InputCenterLayer (x - mean).
 INPUT_LAYERS = ("normalize", "center")
+
+
+# Per-channel (mean, std) of the usual input normalizations, for user models that normalize
+# outside (``--normalize``): CIFAR-10's and CIFAR-100's training-set statistics, ImageNet's
+# torchvision convention.
+NORMALIZE_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
