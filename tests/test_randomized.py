@@ -89,7 +89,7 @@ def test_randomized_defenses_default_to_the_adaptive_protocol():
     names = [a.attack for a in adaptive.attacks]
     assert names[:3] == ["eot", "autoattack", "square"]
     assert dict(adaptive.attacks[1].params)["version"] == "rand"
-    assert resolve(RunConfig(defense="standard", dataset="synthetic")).protocol.key == "pgd@1"
+    assert resolve(RunConfig(defense="standard", dataset="synthetic")).protocol.key == "autoattack@1"
     chosen = resolve(RunConfig(defense="test-noisy", dataset="synthetic", protocol="pgd")).protocol
     assert chosen.key == "pgd@1"  # an explicit protocol is respected
 

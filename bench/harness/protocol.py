@@ -27,7 +27,7 @@ from bench.errors import BenchError
 
 __all__ = ["PROTOCOLS", "Protocol", "is_adaptive", "resolve_protocol"]
 
-DEFAULT_PROTOCOL = "pgd"
+DEFAULT_PROTOCOL = "autoattack"  # deterministic models: what RobustBench ranks by (pgd@1 overestimates)
 
 
 def _pgd_v1(spec: DatasetSpec) -> Protocol:
@@ -256,7 +256,8 @@ def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = Fa
     """The protocol ``config`` asks for: a named one, or a custom one built from its options.
 
     Without ``--protocol``, a defense gets its declared ``default`` protocol if any (``certify``
-    for smoothing defenses), else a deterministic one ``pgd`` and a randomized one ``adaptive``.
+    for smoothing defenses), else a deterministic one ``autoattack`` (AutoAttack standard) and a
+    randomized one ``adaptive``.
     The ``certify`` protocol certifies with the defense's declared ``certificates``. A
     ``smoothed`` defense (the classifier is a smoothed g) is attacked under ``quick`` with
     SmoothAdv (m=32, T=20) instead of EOT-PGD and Square.
