@@ -25,6 +25,33 @@ def _store(db: str | None) -> Any:
     return Store(db, create=False)
 
 
+def _threads(threads: int | None) -> None:
+    """``--threads`` / ``$BENCH_THREADS`` (the oversubscription warning comes with the plan, once
+    every input is checked)."""
+    from bench.device import configure_threads
+
+    configure_threads(threads)
+
+
+def _print_dry_run(resolved: Any, as_json: bool) -> None:
+    """``bench run --dry-run``: the resolved configuration and the plan with an estimate."""
+    from bench.cli.output import print_json, stderr
+    from bench.harness.runner import dry_run
+    from bench.progress import RichProgress
+
+    shown = dry_run(resolved, RichProgress(stderr))
+    if as_json:
+        print_json({k: v for k, v in shown.items() if k != "lines"})
+        return
+    print("configuration (run key " + shown["key"] + "):")
+    print(json.dumps(shown["config"], indent=2, sort_keys=True))
+    print(f"plan (upper bounds: every example reaches every attack, none stops early; one forward pass takes "
+          f"{1e6 * shown['seconds_per_example_pass']:.1f} us per example here; training is not estimated):")
+    for line in shown["lines"]:
+        print(line)
+    print(f"total evaluation: up to ~{shown['seconds_upper_bound'] / 60:.1f} min. Nothing was trained or stored.")
+
+
 def _stored_or_executed(resolved: Any, db: str | None) -> tuple[Any, int, bool, Any]:
     """The run ``resolved`` as stored (finished), else prepared and executed: ``(store, run_id,
     stored, progress)``. Nothing is created on disk until :func:`prepare` has checked every input
@@ -39,12 +66,13 @@ def _stored_or_executed(resolved: Any, db: str | None) -> tuple[Any, int, bool, 
     if existing is not None and existing.status is RunStatus.FINISHED:
         return store, existing.id, True, None
     from bench.cli.output import stderr
-    from bench.harness.runner import execute, prepare
+    from bench.harness.runner import announce_plan, execute, prepare
     from bench.progress import Progress, RichProgress
     from bench.training import distributed
 
     progress = RichProgress(stderr) if distributed.is_main() else Progress()
     prepared = prepare(resolved, progress)
+    announce_plan(prepared, progress)
     distributed.init(resolved.device)  # torchrun: join the process group (nothing in a world of size 1)
     with distributed.main_first():  # rank 0 creates the store, the other ranks open it
         store = store or Store(url, create=True)
@@ -180,6 +208,11 @@ def run(
     escalate: Annotated[bool, typer.Option("--escalate", help="After the protocol, run the standard remedy of every "
                                            "triggered check (EOT, BPDA, more Square queries) as extra stages; "
                                            "both results are stored.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="torch's CPU threads [default: $BENCH_THREADS, else "
+                                                   "torch's choice]; processes x threads <= cores.",
+                                                   show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration and the plan with an "
+                                          "estimated time, then exit: nothing is trained or stored.")] = False,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -213,6 +246,10 @@ def run(
         hparams=hparams,
     )
     resolved = resolve(config)  # validates the options before any store is looked at
+    _threads(threads)
+    if dry_run:
+        _print_dry_run(resolved, as_json)
+        return
     store, run_id, stored, progress = _stored_or_executed(resolved, db)
     from bench.training.distributed import is_main
 

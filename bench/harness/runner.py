@@ -80,6 +80,45 @@ def prepare(config: RunConfig | ResolvedRun, progress: Progress | None = None,
     return PreparedRun(resolved, examples, user_model, started)
 
 
+def announce_plan(prepared: PreparedRun, progress: Progress) -> None:
+    """Log the run's plan (stages and sizes) and number the progress of its stages ``[k/n]``; warn
+    when the machine is oversubscribed (its timings and ETAs will be slow)."""
+    from bench.device import oversubscribed
+    from bench.harness.plan import build_plan, format_plan
+
+    busy = oversubscribed()
+    if busy:
+        progress.log(f"warning: {busy}")
+
+    stages = build_plan(prepared.resolved, len(prepared.examples))
+    progress.log(f"plan ({len(stages)} stages):")
+    for line in format_plan(stages):
+        progress.log(line)
+    progress.begin_plan([stage.key for stage in stages])
+
+
+def dry_run(resolved: ResolvedRun, progress: Progress | None = None) -> dict[str, Any]:
+    """What ``bench run --dry-run`` shows, computing and writing nothing of the run: the resolved
+    configuration, and the plan with upper-bound seconds per stage from one measured forward pass
+    of the (untrained, or loaded) model on this device. Inputs are checked as for a run."""
+    import torch
+
+    from bench.harness.plan import build_plan, estimate, format_plan, measure_pass
+
+    prepared = prepare(resolved, progress)
+    model = prepared.user_model[0] if prepared.user_model is not None else resolved.fresh_model().eval()
+    device = torch.device(resolved.device)
+    model.to(device)
+    per_pass = measure_pass(model, resolved.spec.shape(resolved.image_size), resolved.config.batch_size, device)
+    stages = build_plan(resolved, len(prepared.examples))
+    seconds = estimate(stages, per_pass)
+    known = [s for s in seconds if s is not None]
+    return {"config": resolved.to_dict(), "key": resolved.key, "seconds_per_example_pass": per_pass,
+            "plan": [{"stage": st.label, "size": st.size, "seconds_upper_bound": sec}
+                     for st, sec in zip(stages, seconds)],
+            "seconds_upper_bound": sum(known), "lines": format_plan(stages, seconds)}
+
+
 def _require_finite(resolved: ResolvedRun) -> None:
     """NaN and infinity are not JSON: a run configuration holding one is refused, not stored."""
     from bench.results.jsonvalues import non_finite_paths

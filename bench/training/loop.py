@@ -158,8 +158,9 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
         if not distributed.is_main():  # every rank restored rank 0's state; draw this rank's own noise
             torch.manual_seed(_rank_seed(seed, first_epoch))
         progress.log(f"resuming training after epoch {first_epoch} from {resume}")
-    with progress.task(f"training ({n} images)", total=epochs) as bar:
-        bar.advance(first_epoch)
+    per_epoch = -(-n // recipe.batch_size)  # batches per epoch: progress (and its ETA) moves within an epoch
+    with progress.task(f"training ({n} images, {epochs} epochs)", total=epochs * per_epoch) as bar:
+        bar.advance(first_epoch * per_epoch)
         for epoch in range(first_epoch, epochs):
             order = torch.randperm(n, generator=shuffle)
             if perturb is not None and hasattr(perturb, "set_epoch"):
@@ -183,6 +184,7 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
                     total_loss += float(loss.detach()) * len(y)
                     seen += len(y)
                     correct += int(tasks.correct(tasks.predict(logits.detach(), task), y, task).sum())
+                bar.advance(1, epoch=f"{epoch + 1}/{epochs}")
             if scheduler is not None:
                 scheduler.step()
             total_loss, correct, seen = _epoch_totals(model, total_loss, correct, seen, device)
@@ -194,7 +196,8 @@ def fit(model: nn.Module, train: Split, recipe: Recipe, *, device: torch.device,
             history.append(record)
             if resume is not None and distributed.is_main():
                 _save_state(resume, epoch + 1, steps, history, model, optimizer, scheduler, shuffle, best)
-            bar.advance(1, loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
+            bar.advance(0, epoch=f"{epoch + 1}/{epochs}", loss=f"{record['loss']:.3f}",
+                        acc=f"{record['train_accuracy']:.3f}")
     model.eval()
     if best is not None:
         model.load_state_dict(best[2])
