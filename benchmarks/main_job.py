@@ -208,9 +208,9 @@ def why_slow() -> list[str]:
         "iterations each) and Square (5,000 queries) add up to about 10^4 forward-pass equivalents per",
         "robust example and threat model. `pgd-at` keeps about 80 % of the 450 digits examples robust, so",
         "the two threat models cost about 7 * 10^6 forward passes of the digits CNN (1.5 M multiply-adds",
-        "each), about 7 ms per forward pass of 105 examples on these two cores. `torch.compile` would gain about 1.8x on this",
-        "model, not the 5x needed. `--protocol pgd` (PGD-20 alone, the previous default) ran the same",
-        "job in 28.3 s (this file's entry of 2026-11-21).",
+        "each), about 7 ms per forward pass of 105 examples on these two cores. `torch.compile` would gain",
+        "about 1.8x on this model, not the 5x needed. `--protocol pgd` (PGD-20 alone, the previous default)",
+        "ran the same job in 28.3 s (this file's entry of 2026-11-21).",
         "",
     ]
 
