@@ -51,20 +51,27 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(self.stem(x)))
 
 
+def projection_shortcut(in_planes: int, planes: int, stride: int) -> nn.Module:
+    """The identity (an empty ``nn.Sequential``) when the shape is kept, else a strided 1x1 conv and BN."""
+    if stride == 1 and in_planes == planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+
+
 class BasicBlock(nn.Module):
+    """Two 3x3 conv + BN layers with a ReLU between them, plus ``shortcut(in_planes, planes,
+    stride)`` (default :func:`projection_shortcut`), then ReLU."""
+
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1,
+                 shortcut: Callable[[int, int, int], nn.Module] = projection_shortcut) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-            )
+        self.shortcut = shortcut(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.errors import BenchError
+from bench.models.backbones import BasicBlock
 
 __all__ = ["CifarResNet", "cifar_resnet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 
@@ -43,22 +44,9 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.before, self.after))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv + batch norm layers with a ReLU between them, plus the option-A shortcut, then ReLU."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        reshapes = stride != 1 or in_planes != planes
-        self.shortcut: nn.Module = PadShortcut(in_planes, planes, stride) if reshapes else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+def option_a_shortcut(in_planes: int, planes: int, stride: int) -> nn.Module:
+    """The identity when the shape is kept, else :class:`PadShortcut` (no parameters)."""
+    return PadShortcut(in_planes, planes, stride) if stride != 1 or in_planes != planes else nn.Identity()
 
 
 class CifarResNet(nn.Module):
@@ -83,7 +71,8 @@ class CifarResNet(nn.Module):
 
     @staticmethod
     def _stage(in_planes: int, planes: int, n: int, stride: int) -> nn.Sequential:
-        blocks = [BasicBlock(in_planes, planes, stride)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
+        blocks = [BasicBlock(in_planes, planes, stride, option_a_shortcut)]
+        blocks += [BasicBlock(planes, planes, shortcut=option_a_shortcut) for _ in range(n - 1)]
         return nn.Sequential(*blocks)
 
     def _init_weights(self) -> None:
