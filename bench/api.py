@@ -21,6 +21,7 @@ from bench.errors import BenchError
 if TYPE_CHECKING:
     from torch import nn
 
+    from bench.models.defended import DefendedModel
     from bench.progress import Progress
     from bench.results.types import RunSummary
 
@@ -56,41 +57,27 @@ def evaluate(model: nn.Module, dataset: str = "digits", protocol: str | None = N
 
     from bench.defenses.external import ExternalModel
     from bench.harness.resolve import resolve
-    from bench.harness.runner import execute, prepare
+    from bench.harness.runner import stored_or_executed
     from bench.models.external import state_hash
+    from bench.progress import Progress
     from bench.results.queries import run_summary
-    from bench.results.schema import RunStatus
-    from bench.results.store import Store, resolve_url
+    from bench.results.store import resolve_url
 
     if not isinstance(model, nn.Module):
         raise BenchError(f"bench.evaluate needs a torch.nn.Module, got {type(model).__name__}")
     digest = state_hash(model)
     hparams = {"name": name or f"{type(model).__name__}-{digest[:8]}", "randomized": randomized, "sigma": sigma,
-               "lipschitz_bound": lipschitz_bound, "normalize": _plain(normalize)}
+               "lipschitz_bound": lipschitz_bound, "normalize": normalize}
     config = RunConfig(defense="model", dataset=dataset, protocol=protocol, n_examples=n_examples, seed=seed,
                        batch_size=batch_size, device=device, data_dir=data_dir, split=split,
                        hparams=tuple(sorted((k, v) for k, v in hparams.items() if v is not None)))
     resolved = resolve(config, model_hash=digest)
-    url = resolve_url(db)
-    store = Store.existing(url)
-    found = store.find_run(resolved.key) if store is not None else None
-    if store is not None and found is not None and found.status is RunStatus.FINISHED:
-        return run_summary(store, found.id)
     defense = resolved.defense
     assert isinstance(defense, ExternalModel)
-    with torch.random.fork_rng():  # wrapping does not consume the caller's random numbers
-        wrapped = defense.wrap(model, resolved.spec, resolved.image_size, resolved.hparams)
-    prepared = prepare(resolved, progress, user_model=(wrapped.eval(), {}))
-    store = store or Store(url, create=True)
-    return run_summary(store, execute(prepared, store, progress))
 
+    def wrapped() -> tuple[DefendedModel, dict[str, Any]]:
+        with torch.random.fork_rng():  # wrapping does not consume the caller's random numbers
+            return defense.wrap(model, resolved.spec, resolved.image_size, resolved.hparams).eval(), {}
 
-def _plain(normalize: Any) -> Any:
-    """``normalize`` as JSON-friendly values (a preset name, or ``[mean, std]`` lists)."""
-    if normalize is None or isinstance(normalize, str):
-        return normalize
-    try:
-        mean, std = normalize
-        return [[float(v) for v in mean], [float(v) for v in std]]
-    except (TypeError, ValueError):
-        raise BenchError(f"normalize must be a preset name or (mean, std), got {normalize!r}") from None
+    store, run_id, _ = stored_or_executed(resolved, resolve_url(db), progress or Progress(), wrapped)
+    return run_summary(store, run_id)

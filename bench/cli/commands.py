@@ -53,32 +53,18 @@ def _print_dry_run(resolved: Any, as_json: bool) -> None:
 
 
 def _stored_or_executed(resolved: Any, db: str | None) -> tuple[Any, int, bool, Any]:
-    """The run ``resolved`` as stored (finished), else prepared and executed: ``(store, run_id,
-    stored, progress)``. Nothing is created on disk until :func:`prepare` has checked every input
-    (parameters, dataset files, checkpoint); a finished run is looked up without importing torch.
-    Under torchrun every rank executes its share of the run; only rank 0 shows progress."""
-    from bench.results.schema import RunStatus
-    from bench.results.store import Store, resolve_url
-
-    url = resolve_url(db)
-    store = Store.existing(url)  # None: no store there yet, and none is created by looking
-    existing = store.find_run(resolved.key) if store is not None else None
-    if existing is not None and existing.status is RunStatus.FINISHED:
-        return store, existing.id, True, None
+    """:func:`bench.harness.runner.stored_or_executed` with the CLI's progress (Rich on rank 0,
+    silent on the other torchrun ranks): ``(store, run_id, stored, progress)``, progress ``None``
+    for a stored result."""
     from bench.cli.output import stderr
-    from bench.harness.runner import announce_plan, execute, prepare
+    from bench.harness.runner import stored_or_executed
     from bench.progress import Progress, RichProgress
+    from bench.results.store import resolve_url
     from bench.training import distributed
 
     progress = RichProgress(stderr) if distributed.is_main() else Progress()
-    prepared = prepare(resolved, progress)
-    announce_plan(prepared, progress)
-    distributed.init(resolved.device)  # torchrun: join the process group (nothing in a world of size 1)
-    with distributed.main_first():  # rank 0 creates the store, the other ranks open it
-        store = store or Store(url, create=True)
-    run_id = execute(prepared, store, progress)
-    distributed.shutdown()
-    return store, run_id, False, progress
+    store, run_id, stored = stored_or_executed(resolved, resolve_url(db), progress)
+    return store, run_id, stored, None if stored else progress
 
 
 def _parse_hparams(items: list[str], option: str = "--hparam") -> tuple[tuple[str, Any], ...]:
@@ -118,15 +104,7 @@ def _model_hparams(spec: str, args: list[str], normalize: str | None, name: str 
         raise BenchError(f"--hparam {', '.join(sorted(clash))}: use --model, --model-arg, --normalize, --name "
                          "and --download instead")
     out.update(model=spec, args=dict(_parse_hparams(args, "--model-arg")), pretrained=pretrained)
-    if normalize is not None:
-        from bench.models.external import parse_normalize
-        from bench.models.names import NORMALIZE_PRESETS
-
-        parsed = parse_normalize(normalize)
-        out["normalize"] = normalize.lower() if normalize.lower() in NORMALIZE_PRESETS else \
-            [list(parsed[0]), list(parsed[1])] if parsed else None
-    if name is not None:
-        out["name"] = name
+    out.update({k: v for k, v in (("normalize", normalize), ("name", name)) if v is not None})
     return tuple(sorted(out.items()))
 
 

@@ -54,12 +54,12 @@ class ExternalModel(Defense):
     }
 
     def resolve_hparams(self, given: dict[str, Any], image_size: int, recipe: str | None = None) -> dict[str, Any]:
-        """Checked values; ``normalize`` as ``[mean, std]`` lists, ``name`` defaulting to the SPEC."""
+        """Checked values; ``normalize`` (a preset, ``MEAN/STD`` or a pair) as ``[mean, std]``
+        lists, ``name`` defaulting to the SPEC."""
         from bench.models.external import parse_normalize
 
-        resolved = self.check_hparams(given)
-        norm = parse_normalize(resolved["normalize"])
-        resolved["normalize"] = [list(norm[0]), list(norm[1])] if norm else None
+        norm = parse_normalize(given.get("normalize"))  # a preset, MEAN/STD or a (mean, std) pair
+        resolved = self.check_hparams({**given, "normalize": [list(norm[0]), list(norm[1])] if norm else None})
         resolved["name"] = resolved["name"] or resolved["model"]
         if len(resolved["name"]) > 128:
             raise BenchError(f"model name '{resolved['name'][:40]}...' is longer than 128 characters; give --name")

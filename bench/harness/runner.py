@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from bench.data.base import Dataset, Split
     from bench.models.defended import DefendedModel
 
-__all__ = ["PreparedRun", "ResolvedRun", "execute", "prepare", "resolve"]
+__all__ = ["PreparedRun", "ResolvedRun", "execute", "prepare", "resolve", "stored_or_executed"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,28 @@ def prepare(config: RunConfig | ResolvedRun, progress: Progress | None = None,
         check_logits(user_model[0], examples.images[:4], resolved.spec.num_classes, resolved.spec.task,
                      f"model '{resolved.label}'")
     return PreparedRun(resolved, examples, user_model, started)
+
+
+def stored_or_executed(resolved: ResolvedRun, url: str, progress: Progress,
+                       user_model: Callable[[], tuple[DefendedModel, dict[str, Any]]] | None = None
+                       ) -> tuple[Store, int, bool]:
+    """The run ``resolved`` as stored (finished) in the store at ``url``, else prepared and executed
+    there: ``(store, run_id, stored)``. Nothing is created on disk until :func:`prepare` has checked
+    every input; a finished run is looked up without importing torch, and ``user_model`` (a
+    caller's model, built on demand) is called only when the run is executed. Under torchrun every
+    rank executes its share of the run; rank 0 creates the store, the other ranks open it."""
+    store = Store.existing(url)  # None: no store there yet, and none is created by looking
+    existing = store.find_run(resolved.key) if store is not None else None
+    if store is not None and existing is not None and existing.status is RunStatus.FINISHED:
+        return store, existing.id, True
+    prepared = prepare(resolved, progress, user_model=user_model() if user_model is not None else None)
+    announce_plan(prepared, progress)
+    distributed.init(resolved.device)  # torchrun: join the process group (nothing in a world of size 1)
+    with distributed.main_first():
+        store = store or Store(url, create=True)
+    run_id = execute(prepared, store, progress)
+    distributed.shutdown()
+    return store, run_id, False
 
 
 def announce_plan(prepared: PreparedRun, progress: Progress) -> None:
