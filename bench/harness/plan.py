@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bench.config import AttackSpec, CertifySpec
+from bench.registry import ATTACKS
 
 if TYPE_CHECKING:
     from bench.harness.resolve import ResolvedRun
@@ -22,11 +23,20 @@ __all__ = ["PlanStage", "build_plan", "estimate", "format_plan"]
 
 # Forward-pass equivalents of one backward pass (a gradient step costs one forward and one backward).
 BACKWARD = 2.0
-# AutoAttack standard per example still robust (Croce & Hein 2020): APGD-CE 100 steps, APGD-T and
-# FAB-T 9 targets x 100 steps, Square 5,000 queries.
-AUTOATTACK = {"standard": 100 * (1 + BACKWARD) + 2 * 9 * 100 * (1 + BACKWARD) + 5000,
-              "plus": 2 * 5 * 100 * (1 + BACKWARD) + 5 * 100 * (1 + BACKWARD) + 5000 + 2 * 9 * 100 * (1 + BACKWARD),
-              "rand": 2 * 100 * 20 * (1 + BACKWARD)}
+TARGETS = 9  # target classes of AutoAttack's targeted components (apgd-t, fab-t)
+
+
+def autoattack_passes(version: str, n_iter: int, n_queries: int) -> float:
+    """Forward-pass equivalents per example still robust of AutoAttack (Croce & Hein 2020):
+    ``standard`` APGD-CE, APGD-T and FAB-T (9 targets) and Square; ``plus`` APGD-CE/DLR and FAB
+    (5 restarts), Square, APGD-T and FAB-T; ``rand`` APGD-CE/DLR with 20 EOT draws."""
+    step = 1 + BACKWARD
+    return {"standard": n_iter * step + 2 * TARGETS * n_iter * step + n_queries,
+            "plus": 3 * 5 * n_iter * step + n_queries + 2 * TARGETS * n_iter * step,
+            "rand": 2 * n_iter * 20 * step}.get(version, 0.0)
+
+
+AUTOATTACK = {version: autoattack_passes(version, 100, 5000) for version in ("standard", "plus", "rand")}
 
 
 @dataclass(frozen=True)
@@ -43,21 +53,25 @@ class PlanStage:
 
 def _attack_passes(spec: AttackSpec, draws: int) -> float:
     """Forward-pass equivalents per attacked example of ``spec``, scoring included (an upper bound)."""
-    p = dict(spec.params)
-    inner = dict(p.get("params") or {})
-    name = spec.attack
+    return _passes(spec.attack, ATTACKS.get(spec.attack)(**spec.kwargs).params) + draws
+
+
+def _passes(name: str, p: dict[str, Any]) -> float:
+    """Forward-pass equivalents per example of attack ``name`` with its checked parameters ``p``
+    (defaults filled in by the attack itself)."""
     if name in ("eot", "bpda"):
-        k = int(p.get("draws", 1))
-        steps, restarts = int(inner.get("steps", 20)), int(inner.get("restarts", 1))
-        return k * steps * restarts * (1 + BACKWARD) + draws
+        inner = ATTACKS.get(p["attack"])(**(p["params"] or {})).params
+        return int(p.get("draws", 1)) * _passes(p["attack"], inner)
     if name == "autoattack":
-        return AUTOATTACK.get(str(p.get("version", "standard")), AUTOATTACK["standard"]) + draws
+        return autoattack_passes(str(p["version"]), int(p["n_iter"]), int(p["n_queries"]))
     if name == "square":
-        return int(p.get("n_queries", 5000)) + draws
+        return int(p["n_queries"]) * int(p["n_restarts"])
     if name == "smoothadv":
-        return int(p.get("m", 32)) * int(p.get("steps", 20)) * (1 + BACKWARD) + draws
-    steps = int(p.get("steps", p.get("n_iter", 100 if name.startswith(("apgd", "fab")) else 20)))
-    return steps * int(p.get("restarts", 1)) * (1 + BACKWARD) + draws
+        return int(p["m"]) * int(p["steps"]) * (1 + BACKWARD)
+    steps = int(p.get("steps", p.get("n_iter", 1)))
+    restarts = int(p.get("restarts", p.get("n_restarts", 1)))
+    targets = TARGETS if name in ("apgd-t", "fab-t") else 1
+    return steps * restarts * targets * (1 + BACKWARD)
 
 
 def _certify_passes(spec: CertifySpec) -> float:
