@@ -54,6 +54,12 @@ class Capabilities:
       certifiers, training and scoring.
     * ``num_classes`` (None): the number of logits (labels, for multilabel). Read by the
       smoothing sampler, AutoAttack, training's class weights and scoring.
+    * ``draw_space`` (None): for a randomized model whose randomness takes finitely many equally
+      likely values, few enough to enumerate, their number D; the model then also has a method
+      ``enumerate_draws()``, a generator that fixes each of the D draws in turn (yielding once
+      per draw) and restores the previous randomness state when it ends or is closed. None
+      otherwise. Read by :func:`bench.harness.draws.enumerated_logits` (exact expectations over
+      draws).
     """
 
     randomized: bool = False
@@ -66,6 +72,7 @@ class Capabilities:
     logit_clip: float | None = None
     task: str = "multiclass"
     num_classes: int | None = None
+    draw_space: int | None = None
 
 
 CAPABILITIES: tuple[str, ...] = tuple(Capabilities.__annotations__)

@@ -17,7 +17,7 @@ from bench.registry import DEFENSES
 # a value different from the default for every capability
 DECLARED = {"randomized": True, "randomness_per_example": True, "smoothed_evaluation": True, "sigma": 0.5,
             "adds_smoothing_noise": True, "lipschitz_bound": 2.0, "lipschitz_guarantee": "by construction (test)",
-            "logit_clip": 1.0, "task": "multilabel", "num_classes": 3}
+            "logit_clip": 1.0, "task": "multilabel", "num_classes": 3, "draw_space": 4}
 
 
 class _Everything(DefendedModel):
@@ -30,6 +30,7 @@ class _Everything(DefendedModel):
     lipschitz_bound = 2.0
     lipschitz_guarantee = "by construction (test)"
     logit_clip = 1.0
+    draw_space = 4
 
     def __init__(self) -> None:
         super().__init__(nn.Flatten(), (0.0,), (1.0,), (1, 2, 2), 3, "multilabel")
@@ -139,4 +140,6 @@ def test_every_defense_info_agrees_with_the_model_it_builds(name: str, one_threa
         assert capability(model, "sigma") is not None
     if info.randomized:  # a randomized model must be able to fix one draw
         assert type(model).freeze_randomness is not DefendedModel.freeze_randomness
+    if capability(model, "draw_space") is not None:  # an enumerable draw space comes with its enumerator
+        assert info.randomized and callable(getattr(model, "enumerate_draws", None))
     assert (capability(model, "task"), capability(model, "num_classes")) == (spec.task, spec.num_classes)
