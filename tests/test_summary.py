@@ -210,7 +210,7 @@ SUMMARY_KEYS = ["run_id", "defense", "dataset", "protocol", "n_examples", "clean
                 "pending_attacks", "skipped_attacks", "task", "imbalanced", "balanced_accuracy", "per_class_recall",
                 "robust_balanced_accuracy", "split", "status", "complete", "threat_models", "model", "forward_passes",
                 "backward_passes", "seed", "indices_hash", "config", "provenance", "created_at", "finished_at", "error",
-                "escalation"]  # the --json order
+                "escalation", "clean_single_draw", "robust_single_draw", "robust_majority"]  # the --json order
 
 
 def _conforms(record: dict, typed: type) -> None:

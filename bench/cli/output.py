@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config import format_eps
-from bench.results.types import Auroc, RunSummary
+from bench.results.types import Auroc, RunSummary, SingleDraw
 
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -38,19 +38,56 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+EXACT_DRAWS = 100  # R above this is read as an exact enumeration of the draw space (e.g. DCS's masks)
+
+
+def scoring_draws(summary: RunSummary) -> int:
+    """R, the largest number of draws behind the run's single-draw figures (1: deterministic)."""
+    blocks = [summary.get("clean_single_draw"), summary.get("robust_single_draw"),
+              *(a.get("single_draw") for a in summary["attacks"])]
+    return max((b["draws"] for b in blocks if b), default=1)
+
+
+def _single(block: SingleDraw | None) -> str:
+    """A single-draw accuracy with its 95% interval, e.g. ``87.3% [82.1, 91.9]``."""
+    if not block or block["accuracy"] is None:
+        return "-"
+    ci = block["interval"]
+    text = f"{100 * block['accuracy']:.1f}%"
+    return text if ci is None else f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def summary_table(summary: RunSummary) -> Table:
+    """The run table. A deterministic run shows accuracy; a randomized run (R > 1 draws) shows the
+    single-draw accuracy with its 95% interval, then, for R <= :data:`EXACT_DRAWS`, the
+    worst-of-R ("all R draws") and majority-of-R columns; a larger R is an exact enumeration of
+    the draw space, whose single-draw figure the header says is exact."""
     title = (f"run {summary['run_id']} · {summary['defense']} on {summary['dataset']} · protocol "
              f"{summary['protocol']} · n={summary['n_examples']}")
     balanced = bool(summary.get("imbalanced")) and summary.get("task") != "multilabel"
     multilabel = summary.get("task") == "multilabel"
-    table = Table(title=title)
+    r = scoring_draws(summary)
+    randomized, beside = r > 1, 1 < r <= EXACT_DRAWS
+    table = Table(title=title, caption=_scoring_caption(r) if randomized else None)
     table.add_column("Evaluation")
     table.add_column("Threat model")
-    table.add_column("Accuracy", justify="right")
+    if not randomized:
+        table.add_column("Accuracy", justify="right")
+    else:
+        table.add_column("Accuracy (single draw, 95% CI)" if beside else f"single-draw (exact over {r} draws)",
+                         justify="right")
+    if beside:
+        table.add_column(f"all {r} draws", justify="right")
+        table.add_column(f"majority of {r}", justify="right")
     if balanced:
         table.add_column("Balanced acc.", justify="right")
     if multilabel:
         table.add_column("Macro AUROC", justify="right")
+
+    def headline(accuracy: float | None, single: SingleDraw | None, majority: float | None) -> list[str]:
+        if not randomized:
+            return [_pct(accuracy)]
+        return [_single(single), _pct(accuracy), _pct(majority)] if beside else [_single(single)]
 
     def extra(balanced_accuracy: float | None, auroc: Auroc | None) -> list[str]:
         cells = [_pct(balanced_accuracy)] if balanced else []
@@ -58,23 +95,37 @@ def summary_table(summary: RunSummary) -> Table:
             cells.append(_pct(auroc.get("macro") if auroc else None))
         return cells
 
-    table.add_row("clean", "-", _pct(summary["clean_accuracy"]),
+    clean_draws = summary.get("clean_draws")
+    table.add_row("clean", "-", *headline(summary["clean_accuracy"], summary.get("clean_single_draw"),
+                                          clean_draws["majority"] if clean_draws else None),
                   *extra(summary.get("balanced_accuracy"), summary.get("auroc")))
     for attack in summary["attacks"]:
-        table.add_row(attack["name"], f"{attack['norm']} eps={format_eps(attack['eps'])}", _pct(attack["accuracy"]),
+        table.add_row(attack["name"], f"{attack['norm']} eps={format_eps(attack['eps'])}",
+                      *headline(attack["accuracy"], attack.get("single_draw"), attack.get("cumulative_majority")),
                       *extra(attack.get("balanced_accuracy"), attack.get("auroc")))
     if summary["robust_accuracy"] is not None:
         cells = [_pct(summary.get("robust_balanced_accuracy"))] if balanced else []
         cells += ["-"] if multilabel else []
+        robust = headline(summary["robust_accuracy"], summary.get("robust_single_draw"), summary.get("robust_majority"))
         table.add_row("[bold]robust (worst case)[/bold]", "all of the above",
-                      f"[bold]{_pct(summary['robust_accuracy'])}[/bold]", *cells)
+                      f"[bold]{robust[0]}[/bold]", *robust[1:], *cells)
     for cert in summary.get("certified", []):
         done = cert.get("certified_examples")
         partial = f" (partial: {done} of {summary['n_examples']} certified)" \
             if done is not None and summary.get("n_examples") and done < summary["n_examples"] else ""
         table.add_row(f"certified ({cert['certifier']})", f"radius {cert['radius']:g}{partial}", _pct(cert["accuracy"]),
-                      *(["-"] * (int(balanced) + int(multilabel))))
+                      *(["-"] * (2 * int(beside) + int(balanced) + int(multilabel))))
     return table
+
+
+def _scoring_caption(r: int) -> str:
+    """What the columns of a randomized run's table mean."""
+    single = ("single draw: the probability that one forward pass is correct (mean over examples of the "
+              "fraction of correct draws; cumulative over each cascade), 95% interval over examples and draws")
+    if r > EXACT_DRAWS:
+        return single + f"; exact over the {r} draws of the model's randomness (no draw noise)"
+    return (single + f"; all {r} draws: correct on every draw (worst of R); majority of {r}: the majority vote "
+            "is correct")
 
 
 def print_summary(summary: RunSummary, *, stored: bool = False) -> None:

@@ -1,15 +1,18 @@
-"""Exact binomial statistics for reported accuracies: Clopper-Pearson intervals and McNemar's
-exact test. Pure functions of counts (scipy.stats); the results layer and the certifiers
+"""Statistics for reported accuracies: exact binomial (Clopper-Pearson) intervals, McNemar's exact
+test, and the Student-t interval of a mean of per-example values (the single-draw accuracy of a
+randomized model). Pure functions (scipy.stats); the results layer and the certifiers
 (:mod:`bench.certifiers.stats`) share them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from scipy import stats
 
-__all__ = ["CONFIDENCE", "accuracy_interval", "clopper_pearson", "counts", "mcnemar_exact"]
+__all__ = ["CONFIDENCE", "accuracy_interval", "clopper_pearson", "counts", "mcnemar_exact", "mean_interval",
+           "single_draw_interval"]
 
 CONFIDENCE = 0.95  # the level of every interval on a board or plot
 
@@ -53,3 +56,45 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     if total == 0:
         return 1.0
     return float(stats.binomtest(only_a, total, 0.5, alternative="two-sided").pvalue)
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Student-t interval of the mean of per-example values in [0, 1]:
+    ``mean +- t_{(1+confidence)/2, n-1} * s / sqrt(n)``, clipped to [0, 1]; ``s`` is the sample
+    standard deviation (ddof 1). None when there are no values; (0, 1) for a single value (no
+    variance estimate); zero width when every value is equal.
+
+    Why it covers both sources of noise: for a randomized model, ``v_i = correct_draws_i / R`` of
+    example ``i`` is an unbiased estimate of the probability ``p_i`` that one forward pass on it is
+    correct. With the examples drawn from the data distribution and the draws independent, the
+    law of total variance gives ``Var(v_i) = Var(p_i) + E[p_i (1 - p_i) / R]``: the between-example
+    variance plus the within-example binomial variance of R draws. The sample variance of the
+    ``v_i`` estimates exactly this sum, so ``s / sqrt(n)`` is the standard error of the mean over
+    both the choice of examples and the draws (asymptotically; the t quantile is the usual
+    small-sample allowance, not an exact guarantee). With exact enumeration of the draw space
+    ``v_i = p_i`` and only the between-example variance remains.
+    """
+    n = len(values)
+    if n == 0:
+        return None
+    if n == 1:
+        return 0.0, 1.0
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    if var <= 0.0:
+        return mean, mean
+    half = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * math.sqrt(var / n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def single_draw_interval(values: Sequence[float], one_draw: bool) -> tuple[float, float] | None:
+    """The 95% interval of a single-draw accuracy, the mean of per-example ``values``: when
+    ``one_draw`` (every row behind the values has one draw, so each value is 0 or 1) the exact
+    Clopper-Pearson interval of their count, else :func:`mean_interval`. None when there are no
+    values."""
+    n = len(values)
+    if n == 0:
+        return None
+    if one_draw:
+        return clopper_pearson(round(sum(values)), n)
+    return mean_interval(values)

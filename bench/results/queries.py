@@ -91,6 +91,10 @@ def run_summary(store: Store, run_id: int) -> RunSummary:
         "finished_at": iso(run.finished_at),
         "error": run.error,
         "escalation": _escalation(stages, outcomes, n, labels, stored.escalated, table),
+        # the single-draw headline of a randomized run (added keys; the ones above keep their meaning)
+        "clean_single_draw": table["clean_single_draw"],
+        "robust_single_draw": table["robust_single_draw"],
+        "robust_majority": table["robust_majority"],
     }
 
 

@@ -13,6 +13,12 @@ Semantics (docs/protocols.md):
   draw is correct; this is ``accuracy``), ``mean`` (average fraction of correct draws) and
   ``majority`` (the majority vote is correct), each over the n examples, an example the stage
   did not attack (already broken) counting as wrong;
+* single-draw accuracy (the headline of a randomized run, ``*single_draw``): per example
+  ``v = correct_draws / draws`` (0 where a stage has no row for it); along a cascade
+  ``c_k = min(c_{k-1}, v_k)`` with ``c_0`` the clean value; a threat model's value is ``c``
+  after its last finished stage, the robust value the minimum over threat models; each figure
+  is the mean over the n examples with a 95% interval (:func:`bench.results.intervals.single_draw_interval`);
+  the same rule over ``majority_correct`` (0/1) gives the cumulative majority-of-R figures;
 * medical metrics: balanced accuracy (mean per-class recall over the classes present) and
   per-class recall for single-label tasks; for multilabel tasks, per-label accuracy (label
   correct on the clean input and under every attack so far) and AUROC per label and macro.
@@ -20,10 +26,11 @@ Semantics (docs/protocols.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from bench.results.intervals import single_draw_interval
 from bench.results.schema import EvalKind
 from bench.results.types import (
     AttackRow,
@@ -33,6 +40,7 @@ from bench.results.types import (
     ClassMetrics,
     DrawScores,
     LabelMetrics,
+    SingleDraw,
     StageRef,
     ThreatRow,
 )
@@ -82,6 +90,55 @@ def draw_scores(rows: Sequence[Outcome], n: int) -> DrawScores:
 
 def _max_draws(rows: Sequence[Outcome]) -> int:
     return max((o.draws for o in rows), default=1)
+
+
+@dataclass(frozen=True)
+class Track:
+    """Per-example cumulative values of one scoring along a cascade (examples of the clean stage;
+    every other example is 0), with the largest R and whether every row behind them had one draw."""
+
+    values: dict[int, float]
+    draws: int = 1
+    one_draw: bool = True
+
+    @classmethod
+    def start(cls, clean_rows: Sequence[Outcome], value: Callable[[Outcome], float]) -> Track:
+        """The clean values ``c_0``."""
+        return cls({o.index: value(o) for o in clean_rows}, _max_draws(clean_rows),
+                   all(o.draws == 1 for o in clean_rows))
+
+    def step(self, rows: Sequence[Outcome], value: Callable[[Outcome], float]) -> Track:
+        """``c_k = min(c_{k-1}, v_k)``, ``v_k`` 0 for an example without a row in this stage."""
+        v = {o.index: value(o) for o in rows}
+        return Track({i: min(c, v.get(i, 0.0)) for i, c in self.values.items()}, max(self.draws, _max_draws(rows)),
+                     self.one_draw and all(o.draws == 1 for o in rows))
+
+    @staticmethod
+    def worst(tracks: Iterable[Track]) -> Track:
+        """The per-example minimum over ``tracks`` (all over the same clean examples)."""
+        tracks = list(tracks)
+        return Track({i: min(t.values[i] for t in tracks) for i in tracks[0].values},
+                     max(t.draws for t in tracks), all(t.one_draw for t in tracks))
+
+    def mean(self, n: int) -> float | None:
+        """The mean over the n examples (examples outside ``values`` count 0)."""
+        return _fraction(sum(self.values.values()), n)
+
+    def single_draw(self, n: int) -> SingleDraw:
+        """The mean with its 95% interval (over the n examples, padded with zeros)."""
+        padded = list(self.values.values()) + [0.0] * max(n - len(self.values), 0)
+        ci = single_draw_interval(padded, self.one_draw) if n else None
+        return {"accuracy": self.mean(n), "interval": list(ci) if ci is not None else None, "draws": self.draws}
+
+
+def single_draw_value(o: Outcome) -> float:
+    """An example's single-draw value in one stage: the fraction of its R draws that were correct."""
+    return o.draw_fraction
+
+
+def majority_value(o: Outcome) -> float:
+    """1.0 when the example's majority vote is correct, else 0.0."""
+    return float(o.majority_correct)
 
 
 @dataclass(frozen=True)
@@ -168,31 +225,41 @@ def _auroc(y: list[int], score: list[float]) -> float | None:
 def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int,
                  labels: Labels | None = None) -> AttackTable:
     """Clean accuracy, cumulative per-attack accuracy, per-threat and overall worst case, and the
-    medical metrics of each (when ``labels`` is given)."""
+    medical metrics of each (when ``labels`` is given); beside each, the single-draw accuracy
+    with its interval and the cumulative majority of R (module docstring)."""
     labels = labels or Labels("multiclass", (), {}, {})
     clean = [s for s in stages if s.kind is EvalKind.CLEAN]
     clean_rows = [o for s in clean for o in outcomes.get(s.id, [])]
     clean_ok = {o.index for o in clean_rows if o.correct}
     clean_labels = {o.index: _label_ok(o) for o in clean_rows if o.multilabel}
     attack_stages = sorted((s for s in stages if s.kind is EvalKind.ATTACK), key=lambda s: s.position)
-    attacks, groups = _cascades(attack_stages, outcomes, n, labels, clean_ok, clean_labels)
+    start = Scorings(Track.start(clean_rows, single_draw_value), Track.start(clean_rows, majority_value))
+    attacks, groups, scorings = _cascades(attack_stages, outcomes, n, labels, clean_ok, clean_labels, start)
     robust_set: set[int] = set()
     if groups:
         robust_set = set(clean_ok)
         for alive in groups.values():
             robust_set &= alive
+    robust = Scorings(Track.worst(s.single for s in scorings.values()),
+                      Track.worst(s.majority for s in scorings.values())) if groups else None
     clean_metrics = class_metrics(clean_ok, labels)
+    clean_single = start.single.single_draw(n)
+    if not clean:
+        clean_single["accuracy"] = clean_single["interval"] = None
     out: AttackTable = {
         "clean_accuracy": _fraction(len(clean_ok), n) if clean else None,
         "clean_draws": {"draws": _max_draws(clean_rows), **draw_scores(clean_rows, n)},
         "attacks": attacks,
         "pending_attacks": [_stage_ref(s) for s in attack_stages if not s.finished],
         "skipped_attacks": [{**_stage_ref(s), "reason": s.skipped} for s in attack_stages if s.skipped],
-        "threat_models": [_threat_row(threat, alive, labels, n) for threat, alive in groups.items()],
+        "threat_models": [_threat_row(threat, alive, labels, n, scorings[threat]) for threat, alive in groups.items()],
         "robust_accuracy": _fraction(len(robust_set), n) if groups else None,
         "balanced_accuracy": clean_metrics.get("balanced_accuracy"),
         "per_class_recall": clean_metrics.get("per_class_recall"),
         "robust_balanced_accuracy": class_metrics(robust_set, labels).get("balanced_accuracy") if groups else None,
+        "clean_single_draw": clean_single,
+        "robust_single_draw": robust.single.single_draw(n) if robust else None,
+        "robust_majority": robust.majority.mean(n) if robust else None,
     }
     if labels.task == "multilabel":
         clean_scores = {o.index: list(o.multilabel["score"]) for o in clean_rows if o.multilabel}
@@ -200,29 +267,45 @@ def attack_table(stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n:
     return out
 
 
+@dataclass(frozen=True)
+class Scorings:
+    """The single-draw and the majority-of-R tracks of one cascade."""
+
+    single: Track
+    majority: Track
+
+    def step(self, rows: Sequence[Outcome]) -> Scorings:
+        return Scorings(self.single.step(rows, single_draw_value), self.majority.step(rows, majority_value))
+
+
 def _cascades(attack_stages: Sequence[Stage], outcomes: dict[int, list[Outcome]], n: int, labels: Labels,
-              clean_ok: set[int], clean_labels: dict[int, list[bool]],
-              ) -> tuple[list[AttackRow], dict[Threat, set[int]]]:
+              clean_ok: set[int], clean_labels: dict[int, list[bool]], start: Scorings,
+              ) -> tuple[list[AttackRow], dict[Threat, set[int]], dict[Threat, Scorings]]:
     """The finished, not skipped attack stages (neither counts as "broken"), in position order,
-    each as a row of its threat model's cascade, and the examples each threat model leaves robust
-    (in the order the threat models first appear)."""
+    each as a row of its threat model's cascade, the examples each threat model leaves robust
+    (in the order the threat models first appear) and each threat model's scorings after its
+    last stage (``start``: the clean ones)."""
     rows_out: list[AttackRow] = []
     groups: dict[Threat, set[int]] = {}
+    scorings: dict[Threat, Scorings] = {}
     group_labels: dict[Threat, dict[int, list[bool]]] = {}
     for stage in (s for s in attack_stages if s.finished and not s.skipped):
         threat = _threat(stage)
         rows = outcomes.get(stage.id, [])
         alive = groups.get(threat, clean_ok) & {o.index for o in rows if o.correct}
         groups[threat] = alive
+        scorings[threat] = scorings.get(threat, start).step(rows)
         entry: AttackRow = {"name": stage.method, "norm": threat[0], "eps": threat[1],
                             "accuracy": _fraction(len(alive), n), **class_metrics(alive, labels),
-                            "draws": _max_draws(rows), **draw_scores(rows, n)}
+                            "draws": _max_draws(rows), **draw_scores(rows, n),
+                            "single_draw": scorings[threat].single.single_draw(n),
+                            "cumulative_majority": scorings[threat].majority.mean(n)}
         if labels.task == "multilabel":
             group_labels[threat] = _labels_still_ok(group_labels.get(threat, clean_labels), rows)
             scores = {o.index: list(o.multilabel["score"]) for o in rows if o.multilabel}
             entry.update(label_metrics(group_labels[threat], scores, labels, n))
         rows_out.append(entry)
-    return rows_out, groups
+    return rows_out, groups, scorings
 
 
 def _stage_ref(stage: Stage) -> StageRef:
@@ -230,9 +313,10 @@ def _stage_ref(stage: Stage) -> StageRef:
     return {"name": stage.method, "norm": norm, "eps": eps}
 
 
-def _threat_row(threat: Threat, alive: set[int], labels: Labels, n: int) -> ThreatRow:
+def _threat_row(threat: Threat, alive: set[int], labels: Labels, n: int, scorings: Scorings) -> ThreatRow:
     return {"norm": threat[0], "eps": threat[1], "robust_accuracy": _fraction(len(alive), n),
-            **class_metrics(alive, labels)}
+            **class_metrics(alive, labels), "robust_single_draw": scorings.single.single_draw(n),
+            "robust_majority": scorings.majority.mean(n)}
 
 
 def _labels_still_ok(before: dict[int, list[bool]], rows: Sequence[Outcome]) -> dict[int, list[bool]]:

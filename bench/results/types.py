@@ -19,7 +19,7 @@ from typing import Any, TypedDict
 __all__ = [
     "AttackRow", "AttackTable", "Auroc", "CertificateRow", "CertifiedRow", "CheckRecord", "ClassMetrics",
     "CleanDraws", "DrawScores", "EscalatedStage", "Escalation", "ExampleOutcome", "LabelMetrics", "ModelInfo",
-    "RunSummary", "SkippedStage", "StageRef", "ThreatRow", "TrainSummary",
+    "RunSummary", "SingleDraw", "SkippedStage", "StageRef", "ThreatRow", "TrainSummary",
 ]
 
 
@@ -29,6 +29,17 @@ class DrawScores(TypedDict):
     mean: float | None  # average fraction of correct draws
     majority: float | None  # the majority vote is correct
     worst_of_r: float | None  # every draw is correct
+
+
+class SingleDraw(TypedDict):
+    """Single-draw accuracy: the mean over the n examples of the fraction of correct draws
+    (cumulative over a cascade: per example the minimum over its stages; an example a stage did
+    not attack counts 0), the probability that one forward pass is correct. The headline of a
+    randomized run (docs/evaluation.md#scoring-randomized-defenses)."""
+
+    accuracy: float | None  # None when n is 0 or the stage is absent
+    interval: list[float] | None  # 95%: Clopper-Pearson when every row has one draw, else Student-t
+    draws: int  # R: the largest number of draws of the rows behind the value
 
 
 class CleanDraws(DrawScores):
@@ -74,6 +85,8 @@ class AttackRow(StageRef, DrawScores, ClassMetrics, LabelMetrics):
 
     accuracy: float | None
     draws: int
+    single_draw: SingleDraw  # cumulative over the cascade, like ``accuracy``
+    cumulative_majority: float | None  # majority vote correct at every stage so far (0/1 per example)
 
 
 class ThreatRow(ClassMetrics):
@@ -82,6 +95,8 @@ class ThreatRow(ClassMetrics):
     norm: str
     eps: float
     robust_accuracy: float | None
+    robust_single_draw: SingleDraw
+    robust_majority: float | None
 
 
 class CertifiedRow(TypedDict):
@@ -177,6 +192,9 @@ class AttackTable(LabelMetrics):
     balanced_accuracy: float | None
     per_class_recall: dict[str, float] | None
     robust_balanced_accuracy: float | None
+    clean_single_draw: SingleDraw
+    robust_single_draw: SingleDraw | None  # None when no attack ran
+    robust_majority: float | None  # None when no attack ran
 
 
 class RunSummary(LabelMetrics):
@@ -217,6 +235,9 @@ class RunSummary(LabelMetrics):
     finished_at: str | None
     error: str | None
     escalation: Escalation | None
+    clean_single_draw: SingleDraw  # the headline of a randomized run, beside clean_accuracy (worst of R)
+    robust_single_draw: SingleDraw | None  # the headline of a randomized run, beside robust_accuracy
+    robust_majority: float | None
 
 
 class ExampleOutcome(TypedDict):
