@@ -222,7 +222,7 @@ def test_registry_and_info() -> None:
 
 def test_default_hparams() -> None:
     assert DEFENSES.get("dds")().resolve_hparams({}, 8, "cpu") == {
-        "arch": "cnn-small", "sigma": 0.25, "denoiser": "train", "denoiser_width": 8, "train_on": "denoised",
+        "arch": "cnn-tiny", "sigma": 0.25, "denoiser": "train", "denoiser_width": 8, "train_on": "denoised",
         "robust_noise": False, "robust_steps": 2, "robust_step_size": 0.1, "robust_eps_max": None}
     assert DEFENSES.get("dds")().resolve_hparams({}, 32, "paper")["denoiser_width"] == 32
     rcs = DEFENSES.get("dds-rcs")().resolve_hparams({}, 8, "cpu")

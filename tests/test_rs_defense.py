@@ -96,7 +96,7 @@ def test_cpu_recipe_is_the_standard_baselines_preset() -> None:
 # -- hyperparameters and the built model -------------------------------------------------------
 def test_default_hparams() -> None:
     resolved = rs().resolve_hparams({}, 8, "cpu")
-    assert resolved == {"arch": "cnn-small", "sigma": 0.25}
+    assert resolved == {"arch": "cnn-tiny", "sigma": 0.25}
     assert type(resolved["sigma"]) is float
     assert rs().resolve_hparams({"sigma": 1}, 32, "paper") == {"arch": "resnet18", "sigma": 1.0}
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from bench.errors import BenchError
 
-ARCH_NAMES = ("cnn-small", "resnet18")
+ARCH_NAMES = ("cnn-tiny", "cnn-small", "resnet18")
 
 
 def resolve_arch(arch: str, image_size: int, recipe: str | None = None) -> str:
-    """``auto`` picks the small CNN for images up to 16 px or for the ``cpu`` recipe, and the
-    CIFAR ResNet-18 otherwise (paper-scale training on a GPU)."""
+    """``auto`` picks the tiny CNN (width 16) for images up to 8 px (digits), the small CNN
+    (width 32) for images up to 16 px or for the ``cpu`` recipe, and the CIFAR ResNet-18
+    otherwise (paper-scale training on a GPU)."""
     if arch == "auto":
+        if image_size <= 8:
+            return "cnn-tiny"
         return "cnn-small" if image_size <= 16 or recipe == "cpu" else "resnet18"
     if arch not in ARCH_NAMES:
         raise BenchError(f"unknown architecture '{arch}'; known: auto, {', '.join(ARCH_NAMES)}")
