@@ -183,6 +183,11 @@ class Protocol:
     frozen: bool = False  # attack one frozen draw of the model's randomness (freeze_randomness)
     description: str = ""
     certifiers: tuple[CertifySpec, ...] = ()  # run after the attacks, on every example
+    # how a randomized model is scored (docs/evaluation.md): 1 = the R draws of a batch may be
+    # shared by its examples, attacks run on the worst-of-R-correct examples; 2 = independent
+    # draws per example, attacks run on every example not wrong on every draw
+    scoring: int = 1
+    exact: bool = False  # score with every draw of the model's declared draw space (--exact-draws)
 
     @property
     def key(self) -> str:
@@ -197,6 +202,10 @@ class Protocol:
                "n_examples": self.n_examples, "draws": self.draws, "frozen": self.frozen}
         if self.certifiers:  # absent for protocols without certification (keeps their run keys)
             out["certifiers"] = [c.to_dict() for c in self.certifiers]
+        if self.scoring != 1:  # absent for scoring 1 (keeps the run keys of earlier versions)
+            out["scoring"] = self.scoring
+        if self.exact:
+            out["exact_draws"] = True
         return out
 
     @classmethod
@@ -206,7 +215,8 @@ class Protocol:
                    tuple(AttackSpec.from_dict(a) for a in data.get("attacks", [])),
                    n_examples=data.get("n_examples"), draws=int(data.get("draws", 10)),
                    frozen=bool(data.get("frozen", False)),
-                   certifiers=tuple(CertifySpec.from_dict(c) for c in data.get("certifiers", [])))
+                   certifiers=tuple(CertifySpec.from_dict(c) for c in data.get("certifiers", [])),
+                   scoring=int(data.get("scoring", 1)), exact=bool(data.get("exact_draws", False)))
 
 
 def _canonical(obj: Any) -> Any:
@@ -265,6 +275,7 @@ class RunConfig:
     split: str = "test"
     download: bool = False
     hparams: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    exact_draws: bool = False  # score a randomized model with every draw of its declared draw space
 
     @property
     def attacking(self) -> bool:

@@ -147,6 +147,9 @@ def run(
         "attack does not take goes to the attack it wraps (eot, bpda), e.g. draws=8 steps=5.")] = None,
     draws: Annotated[Optional[int], typer.Option(help="Custom protocol: R, the draws scoring a randomized model "
                                                  "(default 10).")] = None,
+    exact_draws: Annotated[bool, typer.Option(
+        "--exact-draws", help="Score a randomized model with every draw of its declared draw space (DCS: "
+        "its masks), so each example's single-draw accuracy is exact instead of estimated from R draws.")] = False,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", "-n",
                                                       help="Evaluate a seeded subset of this size.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for training, the example subset and attacks.")] = 0,
@@ -214,6 +217,7 @@ def run(
     config = RunConfig(
         defense=defense, dataset=dataset, protocol=protocol, attacks=tuple(attack or ()), norm=norm,
         eps=tuple(parse_eps(e) for e in (eps or ())), steps=steps, restarts=restarts, draws=draws,
+        exact_draws=exact_draws,
         attack_params=_parse_hparams(attack_param or [], "--attack-param"), n_examples=n_examples,
         certify=tuple(certify or ()), radii=_parse_radii(radii),
         certify_params=_certify_params(sigma, n0, n_samples, alpha, sequential, certify_param or []),

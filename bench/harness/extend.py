@@ -98,7 +98,8 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
         return run_id
     torch_device = torch.device(resolved.device)
     model.to(torch_device)
-    scoring = scoring_for(model, resolved.protocol.draws, randomized=randomized, min_draws=min_draws)
+    scoring = scoring_for(model, resolved.protocol.draws, randomized=randomized, min_draws=min_draws,
+                          version=resolved.protocol.scoring, exact=resolved.protocol.exact)
     evaluator = Evaluator(store, run_id, model, data, torch_device, resolved.config.batch_size, resolved.config.seed,
                           scoring, progress, frozen=resolved.protocol.frozen)
     store.start_clock(run_id, started)  # each committed batch accounts its cost: kills lose at most one batch

@@ -100,6 +100,22 @@ def _quick_v1(spec: DatasetSpec) -> Protocol:
                                 "Weaker than adaptive@1 (no AutoAttack rand) and certify@1 (n=100,000)")
 
 
+SCORING_2 = ("scoring 2: R independent draws per example (none shared by a batch), headline = expected "
+             "single-draw accuracy with its interval, worst-of-R and majority of R beside it; attacks run on "
+             "every example not wrong on every draw")
+
+
+def _scoring_v2(builder: Callable[[DatasetSpec], Protocol]) -> Callable[[DatasetSpec], Protocol]:
+    """Version 2 of a version-1 protocol: the same attacks and budgets, scored with scoring 2
+    (``Protocol.scoring``; docs/evaluation.md). For a deterministic model both versions store the
+    same rows; version 1 stays available by name for the runs stored under it."""
+    def build(spec: DatasetSpec) -> Protocol:
+        base = builder(spec)
+        text = re.sub(r"\s*\(worst-of-R(?: headline)?\)", "", base.description)
+        return replace(base, version=2, scoring=2, description=f"{text}; {SCORING_2}")
+    return build
+
+
 # certifier parameters of the protocols that certify (CPU-sized in quick)
 CERTIFY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "certify": {},
@@ -111,11 +127,11 @@ PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
     "pgd": {1: _pgd_v1},
     "clean": {1: _clean_v1},
     "autoattack": {1: _autoattack_v1},
-    "adaptive": {1: _adaptive_v1},
-    "transfer-draw": {1: _transfer_draw_v1},
-    "single-draw": {1: _single_draw_v1},
-    "certify": {1: _certify_v1},
-    "quick": {1: _quick_v1},
+    "adaptive": {1: _adaptive_v1, 2: _scoring_v2(_adaptive_v1)},
+    "transfer-draw": {1: _transfer_draw_v1, 2: _scoring_v2(_transfer_draw_v1)},
+    "single-draw": {1: _single_draw_v1, 2: _scoring_v2(_single_draw_v1)},
+    "certify": {1: _certify_v1, 2: _scoring_v2(_certify_v1)},
+    "quick": {1: _quick_v1, 2: _scoring_v2(_quick_v1)},
 }
 CERTIFY_PROTOCOLS = tuple(CERTIFY_DEFAULTS)  # protocols whose certifiers are the defense's declared certificates
 # the protocol a run gets without --protocol: randomized defenses are evaluated adaptively
@@ -135,25 +151,27 @@ def describe_protocols() -> list[dict[str, Any]]:
 THREAT_PROTOCOL = re.compile(r"^(linf|l2)-([0-9.]+(?:/[0-9.]+)?)(-rand)?$")
 
 
-def _threat_protocol(base: str, spec: DatasetSpec) -> Callable[[DatasetSpec], Protocol] | None:
-    """``linf-8/255`` (AutoAttack standard at that one threat model) or ``linf-8/255-rand``
-    (the adaptive protocol at that threat model)."""
+def _threat_protocol(base: str, spec: DatasetSpec) -> dict[int, Callable[[DatasetSpec], Protocol]] | None:
+    """The versions of ``linf-8/255`` (AutoAttack standard at that one threat model) or
+    ``linf-8/255-rand`` (the adaptive protocol at that threat model, versions 1 and 2 as ``adaptive``)."""
     match = THREAT_PROTOCOL.match(base)
     if match is None:
         return None
     norm, eps, rand = match.groups()
     threat = ThreatModel(parse_norm(norm), parse_eps(eps))
     one = replace(spec, threat_models=(threat,))
-    builder = _adaptive_v1 if rand else _autoattack_v1
-    return lambda _spec: replace(builder(one), name=base,
-                                 description=f"{builder(one).description.split(' at each')[0]} at {threat.label}")
+
+    def at_threat(builder: Callable[[DatasetSpec], Protocol]) -> Callable[[DatasetSpec], Protocol]:
+        return lambda _spec: replace(builder(one), name=base, description=(
+            f"{builder(one).description.split(' at each')[0]} at {threat.label}"
+            + (f"; {SCORING_2}" if builder(one).scoring == 2 else "")))
+    return {v: at_threat(b) for v, b in PROTOCOLS["adaptive" if rand else "autoattack"].items()}
 
 
 def _named(name: str, spec: DatasetSpec) -> Protocol:
     base, _, version = name.partition("@")
     base = base.strip().lower()
-    threat_builder = _threat_protocol(base, spec)
-    versions = {1: threat_builder} if threat_builder is not None else PROTOCOLS.get(base)
+    versions = _threat_protocol(base, spec) or PROTOCOLS.get(base)
     if versions is None:
         raise BenchError(f"unknown protocol '{name}'; known: {', '.join(sorted(PROTOCOLS))}, or "
                          "linf-EPS / l2-EPS (AutoAttack) and linf-EPS-rand / l2-EPS-rand (adaptive)")
@@ -216,12 +234,16 @@ def _certifiers(config: RunConfig, certificates: tuple[str, ...],
     return tuple(specs)
 
 
+CUSTOM_SCORING = 2  # custom protocols score with the current scoring (part of their digest)
+
+
 def _custom(config: RunConfig, spec: DatasetSpec, certificates: tuple[str, ...] = ()) -> Protocol:
     certifiers = _certifiers(config, certificates) if config.certifying else ()
     if certifiers and not config.attacking:  # certification only
-        digest = stable_hash([[c.to_dict() for c in certifiers]], 8)
+        digest = stable_hash([[c.to_dict() for c in certifiers], {"scoring": CUSTOM_SCORING}], 8)
         return Protocol(f"custom-{digest}", 1, (), draws=config.draws or Protocol.draws, certifiers=certifiers,
-                        description="custom protocol from command-line options (certification)")
+                        description="custom protocol from command-line options (certification)",
+                        scoring=CUSTOM_SCORING)
     norm = parse_norm(config.norm) if config.norm else spec.threat_models[0].norm
     if config.eps:
         threats = tuple(ThreatModel(norm, e) for e in config.eps)
@@ -245,9 +267,10 @@ def _custom(config: RunConfig, spec: DatasetSpec, certificates: tuple[str, ...] 
     parts: list[Any] = [[a.to_dict() for a in attacks], draws]
     if certifiers:
         parts.append([c.to_dict() for c in certifiers])
+    parts.append({"scoring": CUSTOM_SCORING})
     digest = stable_hash(parts, 8)
     return Protocol(f"custom-{digest}", 1, attacks, draws=draws, certifiers=certifiers,
-                    description="custom protocol from command-line options")
+                    description="custom protocol from command-line options", scoring=CUSTOM_SCORING)
 
 
 def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = False,
@@ -273,6 +296,8 @@ def resolve_protocol(config: RunConfig, spec: DatasetSpec, randomized: bool = Fa
         if protocol.name in CERTIFY_PROTOCOLS and (certificates or not protocol.attacks):
             # certify@1 needs a certificate; quick@1 certifies only defenses that declare one
             protocol = replace(protocol, certifiers=_certifiers(config, certificates, CERTIFY_DEFAULTS[protocol.name]))
+    if config.exact_draws:
+        protocol = replace(protocol, exact=True)
     n_examples = config.n_examples if config.n_examples is not None else (protocol.n_examples or spec.eval_subset)
     if n_examples is not None:
         protocol = replace(protocol, n_examples=n_examples)

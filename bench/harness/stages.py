@@ -21,7 +21,8 @@ from bench.attacks.base import perturbation_norm
 from bench.capabilities import capability
 from bench.certifiers.smoothing import predict
 from bench.config import AttackSpec, CertifySpec, stable_hash
-from bench.errors import AttackNotApplicable
+from bench.errors import AttackNotApplicable, BenchError
+from bench.harness.draws import draw_logits, enumerated_logits
 from bench.models.defended import DefendedModel
 from bench.progress import Progress, Task
 from bench.registry import ATTACKS, CERTIFIERS
@@ -45,11 +46,21 @@ class Scoring:
     * ``smoothed``: the defended classifier is a smoothed g; one PREDICT decision (n=1000,
       alpha=0.001) per example, an abstention counting as wrong; ``draws`` is 1.
     * otherwise ``draws`` = R forward passes, each with fresh randomness for a randomized model;
-      the example counts as correct only when all R are correct (R = 1 for deterministic models).
+      a row stores how many of the R were correct, and ``correct`` (all R correct; R = 1 for
+      deterministic models).
+    * ``exact``: every draw of the model's declared draw space (``draw_space``, e.g. DCS's masks)
+      once, so ``correct_draws / draws`` is the example's exact single-draw accuracy.
+    * ``version`` (the protocol's ``scoring``): 1 as stored before issue 18 (a randomized model that
+      shares its draw across a batch gives every example of the batch the same R draws; the
+      attacks run on the worst-of-R-correct examples); 2: the R draws are independent across the
+      examples (:func:`bench.harness.draws.draw_logits`) and the attacks run on every example
+      with at least one correct draw, so which examples are attacked no longer depends on R.
     """
 
     draws: int = 1
     smoothed: bool = False
+    version: int = 1
+    exact: bool = False  # ``draws`` is the model's whole draw space, each draw taken once
 
     @property
     def passes(self) -> int:
@@ -57,15 +68,26 @@ class Scoring:
         return PREDICT_N if self.smoothed else self.draws
 
 
-def scoring_for(model: nn.Module, draws: int, *, randomized: bool | None = None, min_draws: int = 1) -> Scoring:
+def scoring_for(model: nn.Module, draws: int, *, randomized: bool | None = None, min_draws: int = 1,
+                version: int = 1, exact: bool = False) -> Scoring:
     """The one scoring policy: PREDICT for a smoothed classifier (whatever else it declares),
     ``max(draws, min_draws)`` fresh draws for a randomized model (``randomized`` overrides the
     model's declaration, e.g. for a model whose outputs vary although it does not declare it),
-    one pass otherwise."""
+    or with ``exact`` every draw of its declared draw space; one pass otherwise. ``version`` is
+    the protocol's scoring version (:class:`Scoring`). Raises :class:`BenchError` for ``exact``
+    on a randomized model that declares no draw space."""
     if capability(model, "smoothed_evaluation"):
-        return Scoring(1, smoothed=True)
+        return Scoring(1, smoothed=True, version=version)
     is_randomized = bool(capability(model, "randomized")) if randomized is None else randomized
-    return Scoring(max(int(draws), min_draws)) if is_randomized else Scoring(1)
+    if not is_randomized:
+        return Scoring(1, version=version)
+    if exact:
+        space = capability(model, "draw_space")
+        if space is None:
+            raise BenchError(f"--exact-draws: {type(model).__name__} declares no enumerable draw space "
+                             "(draw_space); score it with R sampled draws instead")
+        return Scoring(int(space), version=version, exact=True)
+    return Scoring(max(int(draws), min_draws), version=version)
 
 
 def _batches(items: Sequence[int], size: int) -> Iterator[tuple[int, list[int]]]:
@@ -150,7 +172,12 @@ class Evaluator:
         if self.scoring.smoothed:
             return self._predict_smoothed(x, y)
         with torch.no_grad():
-            logits = torch.stack([self.model(x) for _ in range(self.draws)])
+            if self.scoring.exact:
+                logits = enumerated_logits(self.model, x)
+            elif self.scoring.version >= 2:
+                logits = draw_logits(self.model, x, self.draws)
+            else:  # scoring 1: the batch's R passes (shared by its examples when the model shares draws)
+                logits = torch.stack([self.model(x) for _ in range(self.draws)])
         self.forward_passes += self.draws * len(x)
         preds = torch.stack([tasks.predict(lg, self.task) for lg in logits])
         correct_draws = torch.stack([tasks.correct(p, y, self.task) for p in preds]).sum(dim=0)
@@ -198,7 +225,7 @@ class Evaluator:
                     self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores),
                                            forward=self.score_passes * len(x))
         self._end_stage(ev)
-        return self.store.correct_indices(ev)
+        return self._survivors(ev)
 
     def certify(self, position: int, spec: CertifySpec, radii: Sequence[float] = ()) -> None:
         """Certify every example (certified accuracy needs them all), a few examples per commit."""
@@ -271,4 +298,11 @@ class Evaluator:
         self._end_stage(ev)
         if self.shard[1] > 1 and self._skipped(ev):
             return alive  # a rank found the attack not applicable
-        return alive & self.store.correct_indices(ev)
+        return alive & self._survivors(ev)
+
+    def _survivors(self, ev: int) -> set[int]:
+        """The examples of evaluation ``ev`` that the next attack runs on: scoring 1, those correct on
+        all R draws; scoring 2, those correct on at least one draw (independent of R)."""
+        if self.scoring.version >= 2:
+            return self.store.correct_indices(ev, any_draw=True)
+        return self.store.correct_indices(ev)

@@ -196,7 +196,8 @@ def _evaluator(store: Any, run_id: int, model: Any, data: Any, device: Any, reso
     from bench.progress import Progress
 
     draws = max([int(r.get("draws") or 1) for r in ev["rows"]], default=1)
-    scoring = scoring_for(model, draws, randomized=True if draws > 1 else None)
+    scoring = scoring_for(model, draws, randomized=True if draws > 1 else None, version=resolved.protocol.scoring,
+                          exact=resolved.protocol.exact)
     return Evaluator(store, run_id, model, data, device, resolved.config.batch_size, resolved.config.seed,
                      scoring, Progress(), frozen=resolved.protocol.frozen)
 

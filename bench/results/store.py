@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, create_engine, event, func, select, text, update
+from sqlalchemy import Table, and_, create_engine, event, func, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -576,12 +576,15 @@ class Store:
                                   .where(ExampleResultRow.evaluation_id.in_(list(evaluation_ids)))
                                   .order_by(ExampleResultRow.evaluation_id, ExampleResultRow.example_index)))
 
-    def correct_indices(self, evaluation_id: int) -> set[int]:
-        """Indices of the examples this evaluation stored as correct."""
+    def correct_indices(self, evaluation_id: int, any_draw: bool = False) -> set[int]:
+        """Indices of the examples this evaluation stored as correct (on every one of their R draws);
+        with ``any_draw``, those correct on at least one draw (``correct_draws > 0``; a row without
+        a draw count counts by ``correct``)."""
+        row = ExampleResultRow
+        hit = (or_(row.correct_draws > 0, and_(row.correct_draws.is_(None), row.correct.is_(True))) if any_draw
+               else row.correct.is_(True))
         with self.session() as s:
-            return set(s.scalars(select(ExampleResultRow.example_index)
-                                 .where(ExampleResultRow.evaluation_id == evaluation_id,
-                                        ExampleResultRow.correct.is_(True))))
+            return set(s.scalars(select(row.example_index).where(row.evaluation_id == evaluation_id, hit)))
 
     def count_results(self, evaluation_id: int) -> int:
         with self.session() as s:
