@@ -215,6 +215,7 @@ def _execute(prepared: PreparedRun, store: Store, progress: Progress, run_id: in
                 return run_id  # rank 0 finishes the run
             evaluator.shard = (0, 1)
             _run_stages(resolved, evaluator)  # finds every row present: computes nothing, marks the stages finished
+        record_saturation_checks(store, run_id, resolved, model, test, device, progress)
         if resolved.protocol.certifiers:  # protocols that certify audit their certificates (docs/certification.md)
             from bench.harness.audit import audit_run
 
@@ -409,6 +410,17 @@ def record_result_checks(store: Store, run_id: int) -> None:
 
     for check in result_checks(run_summary(store, run_id)):
         store.set_check(run_id, check.name, check.triggered, check.detail)
+
+
+def record_saturation_checks(store: Store, run_id: int, resolved: ResolvedRun, model: DefendedModel, test: Split,
+                             device: torch.device, progress: Progress) -> None:
+    """After the attacks (rank 0 only): the EOT saturation check of a randomized model's first EOT
+    stage per threat model (:mod:`bench.harness.saturation`), stored once (a resumed run skips the
+    stored ones)."""
+    from bench.harness.saturation import record_saturation_checks as record
+
+    record(store, run_id, model, test, device, resolved.protocol, resolved.config.seed, resolved.config.batch_size,
+           progress)
 
 
 def _record_checks(store: Store, run_id: int, model: DefendedModel, test: Split, device: torch.device) -> None:
