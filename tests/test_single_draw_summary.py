@@ -175,3 +175,49 @@ def test_cli_table_of_a_deterministic_run_is_unchanged() -> None:
     text = table_text(summary_of(stages, outcomes, 4))
     assert "Accuracy" in text and "single draw" not in text and "draws" not in text and "[" not in text
     assert "75.00%" in text and "25.00%" in text
+
+
+def test_leaderboard_headline_of_a_randomized_row_is_single_draw(randomized) -> None:
+    from bench.results.leaderboard import (
+        CLEAN as CLEAN_COL,
+        DEFENSE,
+        ROBUST,
+        WORST_OF_R,
+        ColumnKey,
+        board_from_summaries,
+        interval,
+        render_markdown,
+    )
+
+    stages, outcomes, n = randomized
+    deterministic = [Stage(1, 0, CLEAN, "clean", None, None), Stage(2, 1, ATTACK, "pgd", "Linf", 0.1),
+                     Stage(4, 3, ATTACK, "pgd", "L2", 0.5)]
+    det_outcomes = {1: [Outcome(i, i < 2) for i in range(5)], 2: [Outcome(0, True), Outcome(1, False)],
+                    4: [Outcome(0, False), Outcome(1, True)]}
+    rand = summary_of(stages, outcomes, n)
+    det = summary_of(deterministic, det_outcomes, n, run_id=2, defense="pgd-at")
+    board = board_from_summaries("digits", "quick@2", [det, rand])
+    titles = [c.title for c in board.columns]
+    assert "Robust (all R draws)" in titles and titles.index("Robust (all R draws)") == titles.index(ROBUST.title) + 1
+    by_defense = {r[DEFENSE]: r for r in board.rows}
+    row = by_defense["dcs"]
+    assert row[CLEAN_COL] == pytest.approx(2.2 / 5) and row[ROBUST] == pytest.approx(0.7 / 5)
+    assert row[ColumnKey("attack", "square", "Linf", 0.1)] == pytest.approx(1.1 / 5)
+    assert row[WORST_OF_R] == 0.0  # the stricter figure beside it
+    column = next(c for c in board.columns if c.key == ROBUST)
+    assert interval(column, row) == pytest.approx(tuple(rand["robust_single_draw"]["interval"]))
+    assert by_defense["pgd-at"][ROBUST] == 0.0  # deterministic: worst case, unchanged
+    # ranked by the headline (0.14 > 0); by worst of R the tie would go to pgd-at's clean 40% > 20%
+    assert [r[DEFENSE] for r in board.rows] == ["dcs", "pgd-at"]
+    assert "single-draw" in board.note and "R = 10" in board.note
+    text = render_markdown(board)
+    assert "Robust (all R draws)" in text and "Student-t" in text
+
+
+def test_deterministic_board_has_no_worst_of_r_column() -> None:
+    from bench.results.leaderboard import board_from_summaries
+
+    stages = [Stage(1, 0, CLEAN, "clean", None, None), Stage(2, 1, ATTACK, "pgd", "Linf", 0.1)]
+    outcomes = {1: [Outcome(i, i < 3) for i in range(4)], 2: [Outcome(i, i < 1) for i in range(3)]}
+    board = board_from_summaries("digits", "pgd@1", [summary_of(stages, outcomes, 4)])
+    assert "Robust (all R draws)" not in [c.title for c in board.columns] and "single-draw" not in board.note

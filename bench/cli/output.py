@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config import format_eps
+from bench.results.summary import scoring_draws
 from bench.results.types import Auroc, RunSummary, SingleDraw
 
 stdout = Console(highlight=False, soft_wrap=True)
@@ -39,13 +40,6 @@ def _pct(value: float | None) -> str:
 
 
 EXACT_DRAWS = 100  # R above this is read as an exact enumeration of the draw space (e.g. DCS's masks)
-
-
-def scoring_draws(summary: RunSummary) -> int:
-    """R, the largest number of draws behind the run's single-draw figures (1: deterministic)."""
-    blocks = [summary.get("clean_single_draw"), summary.get("robust_single_draw"),
-              *(a.get("single_draw") for a in summary["attacks"])]
-    return max((b["draws"] for b in blocks if b), default=1)
 
 
 def _single(block: SingleDraw | None) -> str:

@@ -8,6 +8,13 @@ predicts the majority class cannot inflate.
 turns run summaries into a :class:`Board`. The renderers (Markdown, LaTeX, CSV, JSON) are pure
 functions of a board and render the same rows; accuracies are shown in percent with two
 decimals in Markdown/LaTeX/terminal, and as full-precision fractions in CSV/JSON.
+
+A randomized run (scored with R > 1 draws per example) shows its single-draw accuracies in the
+Clean, attack and Robust columns (the probability that one forward pass is correct, with a
+Student-t interval over examples and draws), so rows rank by that headline; the stricter
+worst-of-R robust accuracy is beside it in the column "Robust (all R draws)", present only when
+a row is randomized (docs/evaluation.md#scoring-randomized-defenses). Deterministic boards are
+unchanged.
 """
 
 from __future__ import annotations
@@ -17,24 +24,25 @@ import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from bench.config import format_eps, is_adaptive
 from bench.errors import BenchError
 from bench.results.schema import RunStatus
 from bench.results.store import Store
 from bench.results.stored import StoredConfig
-from bench.results.types import AttackRow, RunSummary
+from bench.results.summary import scoring_draws
+from bench.results.types import AttackRow, RunSummary, SingleDraw
 
 __all__ = ["CLEAN", "DEFENSE", "FORMATS", "MODEL", "N", "ROBUST", "RUN_ID", "Board", "Column", "ColumnKey", "Row",
            "board_from_summaries", "build_board"]
 
 FORMATS = ("table", "md", "latex", "csv", "json", "html")
 
-ColumnKind = Literal["defense", "model", "run_id", "clean", "attack", "robust", "certified", "acr", "n",
-                     "checks", "details"]
+ColumnKind = Literal["defense", "model", "run_id", "clean", "attack", "robust", "worst_of_r", "certified", "acr", "n",
+                     "checks", "details", "intervals", "draws"]
 _FIXED_TITLES = {"defense": "Defense", "model": "Model", "run_id": "Run", "clean": "Clean",
-                 "robust": "Robust (worst case)", "n": "N"}
+                 "robust": "Robust (worst case)", "worst_of_r": "Robust (all R draws)", "n": "N"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,9 +115,12 @@ class ColumnKey:
 
 DEFENSE, MODEL, RUN_ID = ColumnKey("defense"), ColumnKey("model"), ColumnKey("run_id")
 CLEAN, ROBUST, N = ColumnKey("clean"), ColumnKey("robust"), ColumnKey("n")
+WORST_OF_R = ColumnKey("worst_of_r")  # a randomized row's robust accuracy, every one of R draws correct
 # row keys that are no column: the names of the row's triggered checks, and its details (protocol,
-# examples, provenance summary) for the renderers that show them (html)
+# examples, provenance summary) for the renderers that show them (html); a randomized row's R and
+# the intervals of its single-draw cells (column key -> (lo, hi))
 CHECKS, DETAILS = ColumnKey("checks"), ColumnKey("details")
+DRAWS, INTERVALS = ColumnKey("draws"), ColumnKey("intervals")
 
 Row = dict[ColumnKey, Any]  # a board row: column key -> value (plus RUN_ID, CHECKS, DETAILS: no columns)
 
@@ -155,7 +166,7 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[RunSum
     Rows are ranked by robust accuracy (None last), then clean accuracy, defense and run id.
     Columns appear in the order the summaries first show them; on an imbalanced dataset every
     accuracy column except the certified ones has its "(BA)" twin."""
-    rows: list[Row] = []
+    rows: list[Row] = []  # in the order of the summaries until sorted below
     imbalanced = False
     non_adaptive = unsound = 0
     flagged: list[str] = []  # "defense: check, check" of the rows marked §
@@ -174,7 +185,8 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[RunSum
     columns = _columns(rows, imbalanced)
     rows.sort(key=lambda r: (r.get(ROBUST) is None, -(r.get(ROBUST) or 0.0), -(r.get(CLEAN) or 0.0),
                              r[DEFENSE], r[RUN_ID]))
-    notes = [("† randomized defense evaluated with a non-adaptive protocol: its robust accuracy is likely "
+    notes = [single_draw_note(rows),
+             ("† randomized defense evaluated with a non-adaptive protocol: its robust accuracy is likely "
               "overestimated") if non_adaptive else "",
              "‡ certificate audit failed (bench audit): its certified accuracy is not trustworthy" if unsound else "",
              ("§ a check triggered, the number may be wrong (see docs/checks.md and bench show RUN): "
@@ -183,10 +195,11 @@ def board_from_summaries(dataset: str, protocol: str, summaries: Iterable[RunSum
 
 
 def _row(summary: RunSummary, mark: str) -> Row:
-    """One summary's row; the "(BA)" values only when its dataset is imbalanced."""
+    """One summary's row; the "(BA)" values only when its dataset is imbalanced. A randomized
+    run's accuracy cells are its single-draw values (:func:`_single_draw_cells`)."""
     balanced = bool(summary.get("imbalanced"))
     row: Row = {DEFENSE: summary["defense"] + mark, MODEL: _model_label(summary), RUN_ID: summary["run_id"],
-                CLEAN: summary["clean_accuracy"]}
+                CLEAN: summary["clean_accuracy"], WORST_OF_R: summary["robust_accuracy"]}
     if balanced:
         row[CLEAN.twin()] = summary.get("balanced_accuracy")
     seen: dict[ColumnKey, int] = {}
@@ -208,7 +221,41 @@ def _row(summary: RunSummary, mark: str) -> Row:
     row[N] = summary["n_examples"]
     row[CHECKS] = tuple(c["name"] for c in summary.get("checks", []) if c["triggered"])
     row[DETAILS] = _details(summary)
+    if scoring_draws(summary) > 1:
+        _single_draw_cells(row, summary)
     return row
+
+
+def _single_draw_cells(row: Row, summary: RunSummary) -> None:
+    """Replace the clean, attack and robust cells of a randomized run's ``row`` (built from the
+    worst-of-R ``accuracy`` keys) with its single-draw values, keeping their intervals under
+    INTERVALS and R under DRAWS; WORST_OF_R keeps the worst-of-R robust accuracy."""
+    blocks: dict[ColumnKey, SingleDraw | None] = {CLEAN: summary.get("clean_single_draw"),
+                                                  ROBUST: summary.get("robust_single_draw")}
+    seen: dict[ColumnKey, int] = {}
+    for attack in summary["attacks"]:
+        key = ColumnKey.attack(attack)
+        seen[key] = seen.get(key, 0) + 1
+        blocks[ColumnKey.attack(attack, repeat=seen[key]) if seen[key] > 1 else key] = attack.get("single_draw")
+    intervals: dict[ColumnKey, tuple[float, float] | None] = {}
+    for key, block in blocks.items():
+        row[key] = block["accuracy"] if block else None
+        ci = block["interval"] if block else None
+        intervals[key] = (ci[0], ci[1]) if ci is not None else None
+    row[INTERVALS] = intervals
+    row[DRAWS] = scoring_draws(summary)
+
+
+def single_draw_note(rows: Iterable[Row]) -> str:
+    """The board's note on its randomized rows ("" when it has none)."""
+    draws = sorted({r[DRAWS] for r in rows if r.get(DRAWS)})
+    if not draws:
+        return ""
+    r_text = "R = " + "/".join(str(d) for d in draws)
+    return (f"randomized rows ({r_text} draws per example): Clean, attack and Robust are single-draw accuracies "
+            "(the probability that one forward pass is correct, with a 95% Student-t interval over examples "
+            f"and draws); {WORST_OF_R.title} counts an example only when every draw is correct (worst of R), "
+            "and so do their (BA) columns")
 
 
 def _details(summary: RunSummary) -> dict[str, Any]:
@@ -234,8 +281,9 @@ def _columns(rows: Iterable[Row], imbalanced: bool) -> tuple[Column, ...]:
         """The accuracy column, followed by its balanced-accuracy twin on imbalanced datasets."""
         return [Column(key), Column(key.twin())] if imbalanced else [Column(key)]
 
+    worst = [Column(WORST_OF_R)] if any(row.get(DRAWS) for row in rows) else []
     return (Column(DEFENSE), Column(MODEL), *with_ba(CLEAN), *(c for k in attacks for c in with_ba(k)),
-            *with_ba(ROBUST), *(Column(k) for k in radii), Column(N))
+            *with_ba(ROBUST), *worst, *(Column(k) for k in radii), Column(N))
 
 
 UNSOUND_CHECKS = ("lipschitz_audit", "certificate_attack", "certified_vs_empirical")
@@ -330,6 +378,13 @@ def cell_text(column: Column, value: Any) -> str:
 INTERVAL_NOTE = "±: 95% Clopper-Pearson interval (its larger side)"
 
 
+def interval_note(board: Board) -> str:
+    """:data:`INTERVAL_NOTE`, naming the Student-t intervals too when a row is randomized."""
+    if any(row.get(DRAWS) for row in board.rows):
+        return "±: 95% interval, its larger side (Clopper-Pearson; Student-t for single-draw cells)"
+    return INTERVAL_NOTE
+
+
 def has_interval(column: Column) -> bool:
     """Whether ``column`` holds accuracies with a confidence interval: every accuracy column but
     the balanced-accuracy twins (a mean of per-class recalls is no binomial proportion)."""
@@ -337,12 +392,18 @@ def has_interval(column: Column) -> bool:
 
 
 def interval(column: Column, row: Row) -> tuple[float, float] | None:
-    """The 95% Clopper-Pearson interval of ``row``'s accuracy under ``column`` over the row's N
-    examples; None where there is no count behind the value (no N, as on published rows; an
-    accuracy averaged over random draws; a balanced accuracy)."""
+    """The 95% interval of ``row``'s accuracy under ``column``: a randomized row's single-draw cell
+    has the one its summary computed (Student-t over examples and draws); any other accuracy the
+    Clopper-Pearson interval over the row's N examples. None where there is no count behind the
+    value (no N, as on published rows; a balanced accuracy)."""
     from bench.results.intervals import accuracy_interval
 
-    return accuracy_interval(row.get(column.key), row.get(N)) if has_interval(column) else None
+    if not has_interval(column):
+        return None
+    single = row.get(INTERVALS) or {}
+    if column.key in single:
+        return cast("tuple[float, float] | None", single[column.key])
+    return accuracy_interval(row.get(column.key), row.get(N))
 
 
 def cell_with_interval(column: Column, row: Row) -> str:
@@ -374,7 +435,7 @@ def row_kind(row: Row) -> str:
 def render_markdown(board: Board) -> str:
     header = [c.title for c in board.columns]
     align = ["---" if c.kind == "text" else "---:" for c in board.columns]
-    lines = [f"Leaderboard: {board.dataset}, protocol {board.protocol} (accuracy in %; {INTERVAL_NOTE})", "",
+    lines = [f"Leaderboard: {board.dataset}, protocol {board.protocol} (accuracy in %; {interval_note(board)})", "",
              *([f"Note: {board.note}", ""] if board.note else []),
              "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for row in board.rows:
@@ -434,6 +495,8 @@ def latex_title_lines(key: ColumnKey) -> list[str]:
         lines = [latex_escape(key.method), "ACR"]
     elif key.kind == "robust":
         lines = ["Robust", "(worst case)"]
+    elif key.kind == "worst_of_r":
+        lines = ["Robust", "(all $R$ draws)"]
     else:
         lines = [latex_escape(_FIXED_TITLES[key.kind])]
     return lines + (["(BA)"] if key.balanced else [])
@@ -539,13 +602,18 @@ def render_csv(board: Board) -> str:
     return out.getvalue()
 
 
+_JSON_INTERVAL = "95% Clopper-Pearson: KEY_lo and KEY_hi beside each accuracy with a count behind it"
+_JSON_INTERVAL_RANDOMIZED = (_JSON_INTERVAL + "; Student-t over examples and draws beside each single-draw accuracy "
+                             "of a randomized row")
+
+
 def render_json(board: Board) -> str:
     payload = {
         "dataset": board.dataset,
         "protocol": board.protocol,
         **({"note": board.note} if board.note else {}),
         "columns": [{"key": c.key.id, "title": c.title, "kind": c.kind} for c in board.columns],
-        "interval": "95% Clopper-Pearson: KEY_lo and KEY_hi beside each accuracy with a count behind it",
+        "interval": _JSON_INTERVAL_RANDOMIZED if any(row.get(DRAWS) for row in board.rows) else _JSON_INTERVAL,
         "rows": [{c.key.id: row.get(c.key) for c in board.columns} | {RUN_ID.id: row.get(RUN_ID)}
                  | _json_intervals(board, row) for row in board.rows],
     }
@@ -574,7 +642,7 @@ def render_rich(board: Board, width: int | None = None) -> Any:
     mins = [max(_longest_word(c.title), *(len(cell_with_interval(c, r)) for r in board.rows)) if c.kind != "text"
             else max(_longest_word(c.title), *(_longest_word(str(r.get(c.key, ""))) for r in board.rows))
             for c in board.columns]
-    title = f"{board.dataset} · protocol {board.protocol} · accuracy % · {INTERVAL_NOTE}"
+    title = f"{board.dataset} · protocol {board.protocol} · accuracy % · {interval_note(board)}"
     if width is not None and sum(mins) + 3 * len(mins) + 1 > width:
         return _rich_transposed(board, title)
     table = Table(title=title, caption=board.note or None)

@@ -40,6 +40,7 @@ from bench.results.types import (
     ClassMetrics,
     DrawScores,
     LabelMetrics,
+    RunSummary,
     SingleDraw,
     StageRef,
     ThreatRow,
@@ -86,6 +87,14 @@ def draw_scores(rows: Sequence[Outcome], n: int) -> DrawScores:
     return {"mean": _fraction(sum(o.draw_fraction for o in rows), n),
             "majority": _fraction(sum(1 for o in rows if o.majority_correct), n),
             "worst_of_r": _fraction(sum(1 for o in rows if o.correct), n)}
+
+
+def scoring_draws(summary: RunSummary) -> int:
+    """R of a run summary: the largest number of draws behind its single-draw figures (1 for a
+    deterministic run, or a summary written before they existed)."""
+    blocks = [summary.get("clean_single_draw"), summary.get("robust_single_draw"),
+              *(a.get("single_draw") for a in summary["attacks"])]
+    return max((b["draws"] for b in blocks if b), default=1)
 
 
 def _max_draws(rows: Sequence[Outcome]) -> int:
