@@ -13,7 +13,7 @@ A randomized run (scored with R > 1 draws per example) shows its single-draw acc
 Clean, attack and Robust columns (the probability that one forward pass is correct, with a
 Student-t interval over examples and draws), so rows rank by that headline; the stricter
 worst-of-R robust accuracy is beside it in the column "Robust (all R draws)", present only when
-a row is randomized (docs/evaluation.md#scoring-randomized-defenses). Deterministic boards are
+a row is randomized (docs/evaluation.md#2-scoring-randomized-defenses). Deterministic boards are
 unchanged.
 """
 

@@ -35,7 +35,7 @@ class SingleDraw(TypedDict):
     """Single-draw accuracy: the mean over the n examples of the fraction of correct draws
     (cumulative over a cascade: per example the minimum over its stages; an example a stage did
     not attack counts 0), the probability that one forward pass is correct. The headline of a
-    randomized run (docs/evaluation.md#scoring-randomized-defenses)."""
+    randomized run (docs/evaluation.md#2-scoring-randomized-defenses)."""
 
     accuracy: float | None  # None when n is 0 or the stage is absent
     interval: list[float] | None  # 95%: Clopper-Pearson when every row has one draw, else Student-t
