@@ -29,7 +29,9 @@ The networks: :func:`dcs_resnet18` (CIFAR ResNet-18, ``layer1[0]`` made a random
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import cast
 
@@ -37,11 +39,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bench.errors import BenchError
 from bench.models.backbones import strided_stem
 from bench.models.defended import DefendedModel
 
-__all__ = ["DCSModel", "MaskedConv2d", "SmallDCSNet", "WRN_LAYOUTS", "dcs_resnet18", "dcs_wide_resnet",
-           "masked_convs", "validate_mask_shape"]
+__all__ = ["MAX_ENUMERATED_DRAWS", "DCSModel", "MaskedConv2d", "SmallDCSNet", "WRN_LAYOUTS", "dcs_resnet18",
+           "dcs_wide_resnet", "masked_convs", "validate_mask_shape"]
 
 # Where WRN-34-10 has its random blocks (all in block1, the 160-channel stage):
 # "official": block1.layer.0 (16 -> 160), then 4 normal blocks: WideResNet6 in the official
@@ -50,6 +53,9 @@ __all__ = ["DCSModel", "MaskedConv2d", "SmallDCSNet", "WRN_LAYOUTS", "dcs_resnet
 # "four-random": block1.layer.0 normal, block1.layer.1-4 random (160 -> 160), as the bench
 #   reference notes describe WideResNet6.
 WRN_LAYOUTS = {"official": (0,), "four-random": (1, 2, 3, 4)}
+
+# DCSModel.enumerate_draws() refuses a larger draw space (and draw_space is None above it)
+MAX_ENUMERATED_DRAWS = 100_000
 
 
 def validate_mask_shape(kernel_size: int, taps: int) -> None:
@@ -105,15 +111,30 @@ class MaskedConv2d(nn.Conv2d):
         scores = torch.rand(k * k, device="cpu")  # a uniform n-subset: the top n of i.i.d. uniforms
         if exclude_previous:
             scores = scores.masked_fill(self.mask.detach().flatten().cpu() > 0, -1.0)
-        chosen = sorted(int(i) for i in scores.topk(self.taps).indices)
+        self._install(int(i) for i in scores.topk(self.taps).indices)
+        self._pending = not self.frozen
+        return self.mask
+
+    def _install(self, indices: Iterable[int]) -> None:
+        """Make the mask with ones at the flat positions ``indices`` (row-major in k x k) current."""
+        k = self.size
+        chosen = sorted(indices)
         mask = torch.zeros(k * k, device="cpu")
         mask[chosen] = 1.0
         # a new tensor, not an in-place update: autograd graphs of earlier passes keep their mask
         self.mask = mask.view(k, k).to(device=self.mask.device, dtype=self.mask.dtype)
         self._positions = [(i // k, i % k) for i in chosen]
         self._positions_of = (id(self.mask), self.mask._version)
-        self._pending = not self.frozen
-        return self.mask
+
+    @property
+    def mask_count(self) -> int:
+        """C(k*k, taps): the number of masks, each drawn with probability 1 / mask_count by a
+        plain forward pass (``resample()`` without ``exclude_previous``)."""
+        return math.comb(self.size * self.size, self.taps)
+
+    def all_masks(self) -> Iterator[tuple[int, ...]]:
+        """Every mask as its sorted flat positions (row-major), in lexicographic order."""
+        return itertools.combinations(range(self.size * self.size), self.taps)
 
     def positions(self) -> list[tuple[int, int]]:
         """The (row, column) positions of the current mask's ones."""
@@ -182,6 +203,53 @@ class DCSModel(DefendedModel):
         """Draw new masks (independently per layer) for the next forward pass, or, inside
         :meth:`freeze_randomness`, for every following one."""
         return [m.resample(exclude_previous) for m in self.masked_convs()]
+
+    def _mask_space(self) -> int:
+        return math.prod(m.mask_count for m in self.masked_convs())
+
+    @property  # Capabilities declares a plain attribute; here it is derived from the masked convs
+    def draw_space(self) -> int | None:  # type: ignore[override]
+        """The number of equally likely draws of a plain forward pass: the product over the masked
+        convs of C(k*k, taps), when at most :data:`MAX_ENUMERATED_DRAWS`, else None.
+
+        A plain forward pass (not frozen, no pending :meth:`resample_masks`) draws every conv's
+        mask uniformly among its C(k*k, taps) subsets, independently of the other convs and of
+        earlier passes (``resample()`` without ``exclude_previous``), so every combination of
+        masks has probability 1 / product. The non-repeated draw (``exclude_previous=True``) is
+        used only by GSAT training's explicit :meth:`resample_masks` call, never by a plain pass.
+        """
+        space = self._mask_space()
+        return space if space <= MAX_ENUMERATED_DRAWS else None
+
+    def enumerate_draws(self) -> Iterator[tuple[tuple[int, ...], ...]]:
+        """Fix every combination of masks in turn (frozen, as inside :meth:`freeze_randomness`)
+        and yield it, as one tuple of sorted flat mask positions per masked conv (in
+        :meth:`masked_convs` order); ``itertools.product`` order, :attr:`draw_space` items.
+
+        Every forward pass between two yields uses the yielded masks. When the generator ends,
+        is closed early or the caller's code raises into it, every conv gets back the mask,
+        frozen flag and pending state it had before. Draws no random numbers. Raises
+        :class:`~bench.errors.BenchError` (before fixing anything) when there are more than
+        :data:`MAX_ENUMERATED_DRAWS` combinations.
+        """
+        space = self._mask_space()
+        if space > MAX_ENUMERATED_DRAWS:
+            raise BenchError(f"DCS draw space has {space:,} mask combinations; enumeration is limited to "
+                             f"{MAX_ENUMERATED_DRAWS:,}")
+        convs = self.masked_convs()
+        state = ("mask", "frozen", "_pending", "_positions", "_positions_of")
+        saved = [{name: getattr(m, name) for name in state} for m in convs]
+        try:
+            for combination in itertools.product(*(m.all_masks() for m in convs)):
+                for m, indices in zip(convs, combination):
+                    m._install(indices)
+                    m.frozen = True
+                    m._pending = False
+                yield combination
+        finally:
+            for m, before in zip(convs, saved):
+                for name, value in before.items():
+                    setattr(m, name, value)
 
 
 # -- networks --------------------------------------------------------------------------------
