@@ -452,7 +452,7 @@ def test_transfer_draw_run_end_to_end(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     summary = run_summary(store, execute(RunConfig(defense="dcs", dataset="synthetic", epochs=1, n_examples=16,
                                                    protocol="transfer-draw"), store))
-    assert summary["protocol"] == "transfer-draw@1" and summary["n_examples"] == 16
+    assert summary["protocol"] == "transfer-draw@2" and summary["n_examples"] == 16
     assert [(a["name"], a["norm"]) for a in summary["attacks"]] == [("pgd", "Linf"), ("pgd", "L2")]
     assert all(a["draws"] == 1 for a in summary["attacks"] if a["accuracy"])  # scored with one new draw
     assert summary["clean_draws"]["draws"] == 1
