@@ -78,7 +78,11 @@ def test_mean_interval_by_hand() -> None:
     s = math.sqrt(sum((v - mean) ** 2 for v in values) / 5)
     half = 2.570581835636314 * s / math.sqrt(6)  # t_{0.975, 5}
     assert mean_interval(values) == pytest.approx((mean - half, mean + half))
-    assert mean_interval([0.3, 0.3, 0.3]) == pytest.approx((0.3, 0.3))  # all equal: zero width
+    # all equal: no variance estimate, so never a zero-width interval but Clopper-Pearson's
+    assert mean_interval([1.0] * 32) == pytest.approx(clopper_pearson(32, 32))
+    assert mean_interval([0.0] * 32)[1] > 0.1
+    lo, hi = mean_interval([0.3, 0.3, 0.3])
+    assert lo < 0.3 < hi
     assert mean_interval([]) is None
     assert mean_interval([0.4]) == (0.0, 1.0)  # one value: no variance estimate
     lo, hi = mean_interval([0.0, 1.0, 1.0, 1.0]) or (math.nan, math.nan)

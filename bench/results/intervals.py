@@ -62,7 +62,11 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
     """Student-t interval of the mean of per-example values in [0, 1]:
     ``mean +- t_{(1+confidence)/2, n-1} * s / sqrt(n)``, clipped to [0, 1]; ``s`` is the sample
     standard deviation (ddof 1). None when there are no values; (0, 1) for a single value (no
-    variance estimate); zero width when every value is equal.
+    variance estimate). When every value is equal (e.g. every example always right, or always
+    wrong) the sample variance is 0 and the t interval would have zero width: the exact
+    Clopper-Pearson interval of ``round(n * mean)`` in ``n`` is returned instead, which is what a
+    deterministic model with the same outcomes gets (the widest interval a mean of [0, 1] values
+    that are all 0 or all 1 can need).
 
     Why it covers both sources of noise: for a randomized model, ``v_i = correct_draws_i / R`` of
     example ``i`` is an unbiased estimate of the probability ``p_i`` that one forward pass on it is
@@ -82,7 +86,7 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     if var <= 0.0:
-        return mean, mean
+        return clopper_pearson(round(mean * n), n)
     half = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * math.sqrt(var / n)
     return max(0.0, mean - half), min(1.0, mean + half)
 
