@@ -73,6 +73,8 @@ def prepare(config: RunConfig | ResolvedRun, progress: Progress | None = None,
                      f"{requested} asked for: evaluating all {len(full)}")
     if user_model is None and not resolved.trains:
         user_model = read_user_model(resolved)
+    if resolved.protocol.exact:
+        _require_draw_space(user_model[0] if user_model is not None else resolved.fresh_model())
     if user_model is not None and not resolved.defense.trainable:
         from bench.models.external import check_logits
 
@@ -206,8 +208,10 @@ def _execute(prepared: PreparedRun, store: Store, progress: Progress, run_id: in
     try:
         _record_checks(store, run_id, model, test, device)
         model.eval()
+        scoring = scoring_for(model, resolved.protocol.draws, version=resolved.protocol.scoring,
+                              exact=resolved.protocol.exact)
         evaluator = Evaluator(store, run_id, model, test, device, resolved.config.batch_size, resolved.config.seed,
-                              scoring_for(model, resolved.protocol.draws), progress, frozen=resolved.protocol.frozen,
+                              scoring, progress, frozen=resolved.protocol.frozen,
                               shard=(distributed.rank(), distributed.world_size()))
         _run_stages(resolved, evaluator)
         if evaluator.shard[1] > 1:  # every rank's rows are stored (each stage ended at a barrier)
@@ -401,6 +405,13 @@ def _load_or_train(resolved: ResolvedRun, model: DefendedModel, store: Store, pr
         model_id = store.upsert_model(key, **_model_fields(resolved), recipe=recipe.to_dict(), source="trained",
                                       checkpoint_path=str(path), checkpoint_sha256=sha, train_summary=summary)
     return model.eval(), model_id, sha
+
+
+def _require_draw_space(model: DefendedModel) -> None:
+    """``--exact-draws`` needs a randomized model that declares its draw space (refused before anything is stored)."""
+    from bench.harness.stages import scoring_for
+
+    scoring_for(model, 1, exact=True)
 
 
 def record_result_checks(store: Store, run_id: int) -> None:
