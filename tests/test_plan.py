@@ -72,6 +72,18 @@ def test_the_plan_lists_training_clean_attacks_and_certificates():
     assert certified[-1].key == "certify smoothing" and certified[-1].passes_per_example == 100_100
 
 
+def test_a_randomized_run_plans_its_eot_saturation_checks():
+    """DCS under quick@2: each threat model's EOT stage (K=10, PGD-20: 10 x 20 x 3 passes + R=10)
+    again and with K and steps doubled (20 x 40 x 3 + 10), on at most 100 examples; a
+    smoothed classifier (rs) and a deterministic model plan none."""
+    stages = build_plan(resolve(RunConfig(defense="dcs", dataset="digits")), 200)
+    checks = [s for s in stages if s.key == "eot_saturation"]
+    assert [s.label for s in checks] == ["eot_saturation Linf 0.1", "eot_saturation L2 0.5"]
+    assert checks[0].examples == 100 and checks[0].passes_per_example == (600 + 10) + (2400 + 10)
+    for defense in ("rs", "standard"):
+        assert not any(s.key == "eot_saturation" for s in build_plan(resolve(RunConfig(defense, "digits")), 200))
+
+
 def test_threads_and_the_oversubscription_warning(monkeypatch):
     before = torch.get_num_threads()
     try:

@@ -97,11 +97,31 @@ def build_plan(resolved: ResolvedRun, n_examples: int) -> list[PlanStage]:
         passes = _attack_passes(spec, draws)
         stages.append(PlanStage(spec.label, f"the still-robust of {n_examples} examples, up to {passes:,.0f} "
                                 "forward passes each", n_examples, passes, spec.label))
+    stages += _saturation_stages(resolved, n_examples, draws)
     for cert in protocol.certifiers:
         passes = _certify_passes(cert)
         stages.append(PlanStage(cert.label, f"{n_examples} examples x {passes:,.0f} samples", n_examples, passes,
                                 cert.label))
     return stages
+
+
+def _saturation_stages(resolved: ResolvedRun, n_examples: int, draws: int) -> list[PlanStage]:
+    """The EOT saturation checks after the attacks (:mod:`bench.harness.saturation`): for a
+    randomized model that is not a smoothed classifier, the first EOT stage of each threat model
+    again and with K and steps doubled, on at most ``MAX_EXAMPLES`` examples."""
+    from bench.harness.saturation import CHECK, MAX_EXAMPLES, saturation_stages, scaled_eot
+
+    info, protocol = resolved.info, resolved.protocol
+    if not info.randomized or info.smoothed or protocol.frozen:
+        return []
+    examples = min(n_examples, MAX_EXAMPLES)
+    out = []
+    for _, spec in saturation_stages(protocol):
+        passes = _attack_passes(spec, draws) + _attack_passes(scaled_eot(spec, 2), draws)
+        out.append(PlanStage(f"{CHECK} {spec.threat.label}", f"up to {examples} examples, {spec.label} and with "
+                             f"K and steps doubled, up to {passes:,.0f} forward passes each", examples, passes,
+                             CHECK))
+    return out
 
 
 def format_plan(stages: list[PlanStage], seconds: list[float | None] | None = None) -> list[str]:

@@ -221,8 +221,8 @@ def record_saturation_checks(store: Store, run_id: int, model: nn.Module, data: 
         attacked = [position_of[r.example_index] for r in store.results([ev.id])]
         pos = torch.tensor(attacked, dtype=torch.long)
         x, y = data.images[pos].to(device), data.labels[pos].to(device)
-        progress.log(f"{CHECK} {spec.threat.label}: {spec.label} ({eot_budget(spec)}) against doubled K and steps "
-                     f"on {min(len(attacked), MAX_EXAMPLES)} examples")
+        progress.log(progress.numbered(f"{CHECK} {spec.threat.label}: {spec.label} ({eot_budget(spec)}) against "
+                                       f"doubled K and steps on {min(len(attacked), MAX_EXAMPLES)} examples"))
         result = eot_saturation(model, x, y, spec, protocol.draws, seed, batch_size=batch_size)
         store.set_check(run_id, name, result.triggered, result.detail)
         progress.log(f"{name}: {'triggered' if result.triggered else 'passed'} ({result.detail})")
