@@ -85,7 +85,7 @@ def test_randomized_defenses_default_to_the_adaptive_protocol():
     from bench.harness.runner import resolve
 
     adaptive = resolve(RunConfig(defense="test-noisy", dataset="synthetic")).protocol
-    assert adaptive.key == "adaptive@1" and adaptive.draws == 10
+    assert adaptive.key == "adaptive@2" and adaptive.draws == 10 and adaptive.scoring == 2
     names = [a.attack for a in adaptive.attacks]
     assert names[:3] == ["eot", "autoattack", "square"]
     assert dict(adaptive.attacks[1].params)["version"] == "rand"
