@@ -136,12 +136,12 @@ def test_transfer_draw_protocol_attacks_a_frozen_draw_and_scores_one_fresh_draw(
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     summary = run_summary(store, execute(RunConfig(defense="test-noisy", dataset="synthetic",
                                                    protocol="transfer-draw", n_examples=16), store))
-    assert summary["protocol"] == "transfer-draw@1"
+    assert summary["protocol"] == "transfer-draw@2"
     assert FreezableNoisy.entered > 0  # the attack ran inside freeze_randomness
     assert all(a["draws"] == 1 for a in summary["attacks"] if a["accuracy"])  # scored with one new draw
     assert summary["clean_draws"]["draws"] == 1
     single = resolve_protocol_key("single-draw")
-    assert single == ("single-draw@1", 1, False)
+    assert single == ("single-draw@2", 1, False)
 
 
 def resolve_protocol_key(name):
@@ -158,7 +158,7 @@ def test_threat_named_protocols():
     assert aa.key == "linf-8/255@1" and [(a.attack, a.threat.norm.value, a.threat.eps) for a in aa.attacks] == \
         [("autoattack", "Linf", 8 / 255)]
     rand = resolve(RunConfig(defense="test-noisy", dataset="digits", protocol="l2-0.5-rand")).protocol
-    assert rand.key == "l2-0.5-rand@1" and [a.attack for a in rand.attacks] == ["eot", "autoattack", "square"]
+    assert rand.key == "l2-0.5-rand@2" and [a.attack for a in rand.attacks] == ["eot", "autoattack", "square"]
     assert {a.threat.label for a in rand.attacks} == {"L2 0.5"}
 
 
@@ -202,7 +202,7 @@ def test_quick_protocol_is_adaptive_cpu_sized_and_certifies_with_the_defense_s_c
     from bench.harness.runner import resolve
 
     hycas = resolve(RunConfig(defense="hycas", dataset="digits")).protocol  # the seed defenses' default
-    assert hycas.key == "quick@1" and is_adaptive("quick") and hycas.draws == 10 and hycas.n_examples == 200
+    assert hycas.key == "quick@2" and is_adaptive("quick") and hycas.draws == 10 and hycas.n_examples == 200
     assert [(a.attack, a.threat.label) for a in hycas.attacks] == [
         ("eot", "Linf 0.1"), ("square", "Linf 0.1"), ("eot", "L2 0.5"), ("square", "L2 0.5")]
     assert dict(hycas.attacks[0].params)["draws"] == 10 and dict(hycas.attacks[1].params)["n_queries"] == 1000

@@ -76,8 +76,8 @@ def test_eps0_attack_via_bench_attack_equals_the_in_run_stage_and_the_clean_pass
     clean, attacked = _rows(store, extended, EvalKind.CLEAN), _rows(store, extended, EvalKind.ATTACK)
     assert clean == _rows(store, in_run, EvalKind.CLEAN)
     assert attacked == _rows(store, in_run, EvalKind.ATTACK)  # same stage, same scoring, same seeds
-    alive = {i for i, row in clean.items() if row[0]}
-    assert set(attacked) == alive and alive, "the attack runs on the clean-correct examples"
+    alive = {i for i, row in clean.items() if row[2] > 0}  # scoring 2: at least one correct draw
+    assert set(attacked) == alive and alive, "the attack runs on the examples not wrong on every draw"
     assert {row[1] for row in attacked.values()} == {row[1] for row in clean.values()}  # same R
     for correct, draws, correct_draws, _ in attacked.values():
         assert correct == (correct_draws == draws)
@@ -119,4 +119,4 @@ def test_a_stored_run_resolves_back_to_the_same_configuration_and_key(db_url):
     assert back.stored is not None
     assert json.loads(json.dumps(back.to_dict())) == run.config  # every stored setting comes back
     assert stable_hash(back.to_dict(), 32) == run.key  # and hashes to the stored run key
-    assert back.protocol.key == "clean@1" and back.defense.name == "standard" and back.radii
+    assert back.protocol.key == "clean@2" and back.defense.name == "standard" and back.radii

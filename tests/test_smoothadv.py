@@ -139,7 +139,7 @@ def test_rs_under_quick_is_attacked_with_smoothadv_and_scored_with_predict(tmp_p
     monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
     config = RunConfig(defense="rs", dataset="synthetic", epochs=2, n_examples=12, hparams=(("sigma", 0.25),))
     resolved = resolve(config)
-    assert resolved.protocol.key == "quick@1"
+    assert resolved.protocol.key == "quick@2"
     assert [(a.attack, dict(a.params)) for a in resolved.protocol.attacks] == \
         [("smoothadv", {"m": 32, "steps": 20}) for _ in get_dataset("synthetic").spec.threat_models]
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
@@ -160,7 +160,7 @@ def test_rs_under_quick_is_attacked_with_smoothadv_and_scored_with_predict(tmp_p
 
     execute(RunConfig(defense="standard", dataset="synthetic", epochs=1, n_examples=12, protocol="quick"), store)
     board = build_board(store, "synthetic")
-    assert board.protocol == "quick@1" and {r[DEFENSE] for r in board.rows} == {"rs", "standard"}
+    assert board.protocol == "quick@2" and {r[DEFENSE] for r in board.rows} == {"rs", "standard"}
     titles = [c.title for c in board.columns]
     assert "smoothing r=0.5" in titles and "smoothadv L2 0.5" in titles and "eot L2 0.5" in titles
     by_defense = {r[DEFENSE]: r for r in board.rows}

@@ -133,7 +133,7 @@ CERTIFY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 # name -> {version -> builder}; the highest version is the default
 PROTOCOLS: dict[str, dict[int, Callable[[DatasetSpec], Protocol]]] = {
     "pgd": {1: _pgd_v1},
-    "clean": {1: _clean_v1},
+    "clean": {1: _clean_v1, 2: _scoring_v2(_clean_v1)},
     "autoattack": {1: _autoattack_v1},
     "adaptive": {1: _adaptive_v1, 2: _adaptive_v2},
     "transfer-draw": {1: _transfer_draw_v1, 2: _scoring_v2(_transfer_draw_v1)},
