@@ -167,10 +167,21 @@ def test_cli_table_of_a_randomized_run_shows_the_labelled_columns(randomized) ->
 def test_cli_table_of_an_exact_enumeration_omits_worst_and_majority() -> None:
     stages = [Stage(1, 0, CLEAN, "clean", None, None)]
     outcomes = {1: [row(0, 270, 300), row(1, 300, 300), row(2, 150, 300)]}
-    text = table_text(summary_of(stages, outcomes, 3, robust_accuracy=None))
+    exact = {"protocol": {"name": "quick", "version": 2, "exact_draws": True}}
+    text = table_text(summary_of(stages, outcomes, 3, robust_accuracy=None, config=exact))
     assert "single-draw (exact over 300 draws)" in text
     assert "all 300 draws" not in text and "majority of" not in text
     assert "80.0% [" in text
+    sampled = table_text(summary_of(stages, outcomes, 3, robust_accuracy=None))  # 300 sampled draws
+    assert "all 300 draws" in sampled and "exact" not in sampled
+
+
+def test_the_board_shows_no_worst_of_r_for_an_exact_enumeration(randomized) -> None:
+    from bench.results.leaderboard import WORST_OF_R, _row
+
+    exact = {"protocol": {"name": "quick", "version": 2, "exact_draws": True}}
+    assert _row(summary_of(*randomized, config=exact, robust_accuracy=0.0), "")[WORST_OF_R] is None
+    assert _row(summary_of(*randomized, robust_accuracy=0.0), "")[WORST_OF_R] == 0.0
 
 
 def test_cli_table_of_a_deterministic_run_is_unchanged() -> None:

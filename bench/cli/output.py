@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config import format_eps
-from bench.results.summary import scoring_draws
+from bench.results.summary import scoring_draws, scoring_exact
 from bench.results.types import Auroc, RunSummary, SingleDraw
 
 stdout = Console(highlight=False, soft_wrap=True)
@@ -39,7 +39,6 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-EXACT_DRAWS = 100  # R above this is read as an exact enumeration of the draw space (e.g. DCS's masks)
 
 
 def _single(block: SingleDraw | None) -> str:
@@ -53,16 +52,17 @@ def _single(block: SingleDraw | None) -> str:
 
 def summary_table(summary: RunSummary) -> Table:
     """The run table. A deterministic run shows accuracy; a randomized run (R > 1 draws) shows the
-    single-draw accuracy with its 95% interval, then, for R <= :data:`EXACT_DRAWS`, the
-    worst-of-R ("all R draws") and majority-of-R columns; a larger R is an exact enumeration of
-    the draw space, whose single-draw figure the header says is exact."""
+    single-draw accuracy with its 95% interval, then the worst-of-R ("all R draws") and
+    majority-of-R columns, except for a run scored with every draw of the model's draw space
+    (``--exact-draws``), whose single-draw figure the header says is exact."""
     title = (f"run {summary['run_id']} · {summary['defense']} on {summary['dataset']} · protocol "
              f"{summary['protocol']} · n={summary['n_examples']}")
     balanced = bool(summary.get("imbalanced")) and summary.get("task") != "multilabel"
     multilabel = summary.get("task") == "multilabel"
     r = scoring_draws(summary)
-    randomized, beside = r > 1, 1 < r <= EXACT_DRAWS
-    table = Table(title=title, caption=_scoring_caption(r) if randomized else None)
+    exact = scoring_exact(summary)
+    randomized, beside = r > 1, r > 1 and not exact
+    table = Table(title=title, caption=_scoring_caption(r, exact) if randomized else None)
     table.add_column("Evaluation")
     table.add_column("Threat model")
     if not randomized:
@@ -112,11 +112,11 @@ def summary_table(summary: RunSummary) -> Table:
     return table
 
 
-def _scoring_caption(r: int) -> str:
+def _scoring_caption(r: int, exact: bool) -> str:
     """What the columns of a randomized run's table mean."""
     single = ("single draw: the probability that one forward pass is correct (mean over examples of the "
               "fraction of correct draws; cumulative over each cascade), 95% interval over examples and draws")
-    if r > EXACT_DRAWS:
+    if exact:
         return single + f"; exact over the {r} draws of the model's randomness (no draw noise)"
     return (single + f"; all {r} draws: correct on every draw (worst of R); majority of {r}: the majority vote "
             "is correct")

@@ -31,7 +31,7 @@ from bench.errors import BenchError
 from bench.results.schema import RunStatus
 from bench.results.store import Store
 from bench.results.stored import StoredConfig
-from bench.results.summary import scoring_draws
+from bench.results.summary import scoring_draws, scoring_exact
 from bench.results.types import AttackRow, RunSummary, SingleDraw
 
 __all__ = ["CLEAN", "DEFENSE", "FORMATS", "MODEL", "N", "ROBUST", "RUN_ID", "Board", "Column", "ColumnKey", "Row",
@@ -244,6 +244,8 @@ def _single_draw_cells(row: Row, summary: RunSummary) -> None:
         intervals[key] = (ci[0], ci[1]) if ci is not None else None
     row[INTERVALS] = intervals
     row[DRAWS] = scoring_draws(summary)
+    if scoring_exact(summary):  # every draw of the space: "all R draws" is not a worst-of-R figure
+        row[WORST_OF_R] = None
 
 
 def single_draw_note(rows: Iterable[Row]) -> str:

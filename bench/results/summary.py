@@ -97,6 +97,14 @@ def scoring_draws(summary: RunSummary) -> int:
     return max((b["draws"] for b in blocks if b), default=1)
 
 
+def scoring_exact(summary: RunSummary) -> bool:
+    """Whether the run scored its randomized model with every draw of its declared draw space
+    (``--exact-draws``, stored in its protocol): its single-draw figures then have no draw noise,
+    and "all R draws" (R = the whole space) is not the worst-of-R figure of a sampled run."""
+    protocol = (summary.get("config") or {}).get("protocol") or {}
+    return bool(protocol.get("exact_draws"))
+
+
 def _max_draws(rows: Sequence[Outcome]) -> int:
     return max((o.draws for o in rows), default=1)
 
