@@ -138,3 +138,16 @@ def test_exact_draws_need_a_declared_draw_space():
         scoring_for(SharedCoin(), 10, exact=True)
     deterministic = nn.Linear(2, 2)
     assert scoring_for(deterministic, 10, exact=True).draws == 1  # nothing to enumerate: one pass
+
+
+def test_cli_refuses_exact_draws_without_a_draw_space_and_stores_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from helpers import assert_cli_user_error
+
+    db = tmp_path / "r.db"
+    result = CliRunner().invoke(app, ["run", "--defense", "hycas", "--dataset", "digits", "--exact-draws", "-n", "8",
+                                      "--db", f"sqlite:///{db}"])
+    assert_cli_user_error(result, "--exact-draws", "declares no enumerable draw space")
+    assert not db.exists()
