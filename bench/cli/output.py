@@ -122,7 +122,12 @@ def _scoring_caption(r: int, exact: bool) -> str:
             "is correct")
 
 
+LOG_WIDTH = 120  # columns of the run table when stdout is not a terminal (a log file): wide enough not to wrap
+
+
 def print_summary(summary: RunSummary, *, stored: bool = False) -> None:
+    if not stdout.is_terminal:  # Rich assumes 80 columns for a file or a pipe
+        stdout.width = max(stdout.width, LOG_WIDTH)
     stdout.print(summary_table(summary))
     triggered = [c for c in summary["checks"] if c["triggered"]]
     for check in triggered:
