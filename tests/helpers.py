@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.data.base import Split
+from bench.data.base import DatasetSpec, Split
+from bench.defenses.base import Defense
 from bench.models.defended import DefendedModel
 
 SYNTHETIC_MEAN = (0.5,)
@@ -81,3 +82,11 @@ def assert_cli_user_error(result: Any, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in err, err
     return err
+
+
+def built_as(model_type: type[DefendedModel], defense: Defense, spec: DatasetSpec, image_size: int,
+             **hparams: Any) -> Any:
+    """The model :meth:`Defense.build` makes for ``defense``, rebuilt as ``model_type`` around the same
+    network (for test-only defenses that change what the model does around its network)."""
+    net = Defense.build(defense, spec, image_size, **hparams).net
+    return model_type(net, spec.mean, spec.std, spec.shape(image_size), spec.num_classes, spec.task)

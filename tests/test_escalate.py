@@ -17,6 +17,7 @@ from bench.models.defended import DefendedModel
 from bench.registry import DEFENSES
 from bench.results.queries import run_summary
 from bench.results.store import Store
+from helpers import built_as
 
 
 class Rounding(nn.Module):
@@ -41,8 +42,7 @@ class RoundingDefense(Defense):
     recipes = Standard.recipes
 
     def build(self, spec, image_size, **hparams):
-        base = super().build(spec, image_size, **hparams)
-        model = RoundingModel(base.net, spec.mean, spec.std, spec.shape(image_size), spec.num_classes, spec.task)
+        model = built_as(RoundingModel, self, spec, image_size, **hparams)
         model.quant = Rounding()
         return model
 

@@ -13,6 +13,7 @@ from bench.models.defended import DefendedModel
 from bench.registry import DEFENSES
 from bench.results.queries import run_summary
 from bench.results.store import Store
+from helpers import built_as
 
 
 class NoisyModel(DefendedModel):
@@ -43,9 +44,7 @@ class Noisy(Defense):
     recipes = {"paper": _RECIPE, "cpu": _RECIPE}
 
     def build(self, spec, image_size, **hparams):
-        base = super().build(spec, image_size, **hparams)
-        model = NoisyModel(base.net, spec.mean, spec.std, spec.shape(image_size), spec.num_classes, spec.task)
-        return model
+        return built_as(NoisyModel, self, spec, image_size, **hparams)
 
 
 if "test-noisy" not in DEFENSES:
@@ -129,9 +128,7 @@ class FreezableNoisy(NoisyModel):
 
 
 def test_transfer_draw_protocol_attacks_a_frozen_draw_and_scores_one_fresh_draw(tmp_path, monkeypatch):
-    monkeypatch.setattr(Noisy, "build", lambda self, spec, size, **hp: FreezableNoisy(
-        Defense.build(self, spec, size, **hp).net, spec.mean, spec.std, spec.shape(size), spec.num_classes,
-        spec.task))
+    monkeypatch.setattr(Noisy, "build", lambda self, spec, size, **hp: built_as(FreezableNoisy, self, spec, size, **hp))
     FreezableNoisy.entered = 0
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     summary = run_summary(store, execute(RunConfig(defense="test-noisy", dataset="synthetic",

@@ -18,7 +18,7 @@ from bench.models.defended import DefendedModel
 from bench.registry import DEFENSES
 from bench.results.schema import RunStatus
 from bench.results.store import Store
-from helpers import linear_model, train_full_batch
+from helpers import built_as, linear_model, train_full_batch
 
 
 class NoisyGradientModel(DefendedModel):
@@ -129,8 +129,7 @@ class NoisyGradient(Defense):
     recipes = {"paper": _RECIPE, "cpu": _RECIPE}
 
     def build(self, spec, image_size, **hparams):
-        base = super().build(spec, image_size, **hparams)
-        return NoisyGradientModel(base.net, spec.mean, spec.std, spec.shape(image_size), spec.num_classes, spec.task)
+        return built_as(NoisyGradientModel, self, spec, image_size, **hparams)
 
 
 if "test-noisy-gradient" not in DEFENSES:
