@@ -11,8 +11,7 @@ mean is then several times the binomial one (tests/test_draws.py measures both).
 
 * :func:`draw_logits`: R independent draws per example, with the layout the model needs;
 * :func:`enumerated_logits`: every draw of a model whose randomness has a small finite space of
-  equally likely draws (``draw_space``, e.g. DCS's masks), so expectations over draws are exact;
-* :func:`forward_passes`: how many forward calls :func:`draw_logits` makes.
+  equally likely draws (``draw_space``, e.g. DCS's masks), so expectations over draws are exact.
 """
 
 from __future__ import annotations
@@ -27,22 +26,13 @@ from torch import nn
 from bench.capabilities import capability, shares_randomness, wrapped
 from bench.errors import BenchError
 
-__all__ = ["draw_logits", "enumerated_logits", "forward_passes"]
+__all__ = ["draw_logits", "enumerated_logits"]
 
 
 def _check_draws(draws: int) -> int:
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise BenchError(f"draws must be an integer >= 1, got {draws!r}")
     return draws
-
-
-def forward_passes(model: nn.Module, batch_size: int, draws: int) -> int:
-    """The number of forward calls :func:`draw_logits` makes for ``batch_size`` examples:
-    ``batch_size * draws`` calls of batch 1 for a model that shares its randomness across a
-    batch, else ``draws`` calls of the whole batch. Either way every example is evaluated
-    ``draws`` times (``batch_size * draws`` example passes)."""
-    draws = _check_draws(draws)
-    return batch_size * draws if shares_randomness(model) else draws
 
 
 def draw_logits(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:

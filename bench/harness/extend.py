@@ -28,6 +28,7 @@ from bench.results.store import Store
 from bench.results.stored import ExtraAttack, StoredConfig
 
 if TYPE_CHECKING:
+    from bench.harness.stages import Scoring
     from bench.results.schema import RunRow
 
 __all__ = ["add_attack", "attack_threats"]
@@ -51,18 +52,17 @@ def _stage_position(store: Store, run_id: int, spec: AttackSpec, escalated_for: 
                            params=spec.kwargs, record=record)
 
 
-def _still_robust(store: Store, run_id: int, spec: AttackSpec, position: int, scoring: int) -> set[int]:
+def _still_robust(store: Store, run_id: int, spec: AttackSpec, position: int, scoring: Scoring) -> set[int]:
     """Clean-correct examples not broken by earlier finished attacks of the same threat model (an
     earlier stage another ``bench attack`` is still computing does not prune: attacking more
     examples can only lower the measured robustness, never overstate it). "Correct" follows the
-    run's ``scoring`` version as in ``bench run`` (``Evaluator._survivors``): all R draws correct
-    under scoring 1, at least one under scoring 2."""
+    run's scoring as in ``bench run`` (:attr:`Scoring.survives_on_any_draw`)."""
     alive: set[int] | None = None
     for ev in store.evaluations(run_id):
         same_threat = ev.norm == spec.threat.norm.value and ev.eps == spec.threat.eps
         earlier = ev.kind is EvalKind.ATTACK and same_threat and ev.position < position and ev.finished
         if ev.kind is EvalKind.CLEAN or earlier:
-            correct = store.correct_indices(ev.id, any_draw=scoring >= 2)
+            correct = store.correct_indices(ev.id, any_draw=scoring.survives_on_any_draw)
             alive = correct if alive is None else alive & correct
     return alive or set()
 
@@ -106,7 +106,7 @@ def add_attack(store: Store, run_id: int, spec: AttackSpec, progress: Progress |
                           scoring, progress, frozen=resolved.protocol.frozen)
     store.start_clock(run_id, started)  # each committed batch accounts its cost: kills lose at most one batch
     try:
-        evaluator.attack(position, spec, _still_robust(store, run_id, spec, position, resolved.protocol.scoring))
+        evaluator.attack(position, spec, _still_robust(store, run_id, spec, position, scoring))
     finally:
         store.stop_clock(run_id)
     record_result_checks(store, run_id)

@@ -63,6 +63,12 @@ class Scoring:
     exact: bool = False  # ``draws`` is the model's whole draw space, each draw taken once
 
     @property
+    def survives_on_any_draw(self) -> bool:
+        """Which examples the next attack of a cascade runs on: those with at least one correct
+        draw (scoring 2), else those correct on all R draws (scoring 1)."""
+        return self.version >= 2
+
+    @property
     def passes(self) -> int:
         """Forward passes per example of one scoring."""
         return PREDICT_N if self.smoothed else self.draws
@@ -301,8 +307,5 @@ class Evaluator:
         return alive & self._survivors(ev)
 
     def _survivors(self, ev: int) -> set[int]:
-        """The examples of evaluation ``ev`` that the next attack runs on: scoring 1, those correct on
-        all R draws; scoring 2, those correct on at least one draw (independent of R)."""
-        if self.scoring.version >= 2:
-            return self.store.correct_indices(ev, any_draw=True)
-        return self.store.correct_indices(ev)
+        """The examples of evaluation ``ev`` that the next attack runs on (:attr:`Scoring.survives_on_any_draw`)."""
+        return self.store.correct_indices(ev, any_draw=self.scoring.survives_on_any_draw)
