@@ -55,8 +55,8 @@ def _adaptive_v1(spec: DatasetSpec, eot_steps: int = 20) -> Protocol:
             AttackSpec("square", t, (("n_queries", 5000), ("seed", 0))),
         ]
     return Protocol("adaptive", 1, tuple(attacks), draws=10,
-                    description="for randomized defenses: EOT-PGD-20 (K=20 draws), AutoAttack rand (APGD-CE/DLR "
-                                "with EOT 20), Square 5000 queries, as a cascade per threat model; every "
+                    description=f"for randomized defenses: EOT-PGD-{eot_steps} (K=20 draws), AutoAttack rand "
+                                "(APGD-CE/DLR with EOT 20), Square 5000 queries, as a cascade per threat model; every "
                                 "adversarial example scored with R=10 fresh draws (worst-of-R headline)")
 
 
@@ -120,8 +120,7 @@ def _adaptive_v2(spec: DatasetSpec) -> Protocol:
     """adaptive@2: scoring 2, and EOT-PGD with 40 steps (K=20 draws): the first budget at which
     doubling K and the steps moved DCS's single-draw robust accuracy on digits by 0.2 points or
     less (docs/checks.md, eot_saturation); the other attacks as in version 1."""
-    base = _scoring_v2(lambda s: _adaptive_v1(s, eot_steps=40))(spec)
-    return replace(base, description=base.description.replace("EOT-PGD-20 (K=20 draws)", "EOT-PGD-40 (K=20 draws)"))
+    return _scoring_v2(lambda s: _adaptive_v1(s, eot_steps=40))(spec)
 
 
 # certifier parameters of the protocols that certify (CPU-sized in quick)
@@ -170,9 +169,11 @@ def _threat_protocol(base: str, spec: DatasetSpec) -> dict[int, Callable[[Datase
     one = replace(spec, threat_models=(threat,))
 
     def at_threat(builder: Callable[[DatasetSpec], Protocol]) -> Callable[[DatasetSpec], Protocol]:
-        return lambda _spec: replace(builder(one), name=base, description=(
-            f"{builder(one).description.split(' at each')[0]} at {threat.label}"
-            + (f"; {SCORING_2}" if builder(one).scoring == 2 else "")))
+        def build(_spec: DatasetSpec) -> Protocol:
+            protocol = builder(one)  # a version-2 description already states its scoring
+            return replace(protocol, name=base,
+                           description=f"{protocol.description.split(' at each')[0]} at {threat.label}")
+        return build
     return {v: at_threat(b) for v, b in PROTOCOLS["adaptive" if rand else "autoattack"].items()}
 
 
