@@ -11,7 +11,8 @@ mean is then several times the binomial one (tests/test_draws.py measures both).
 
 * :func:`draw_logits`: R independent draws per example, with the layout the model needs;
 * :func:`enumerated_logits`: every draw of a model whose randomness has a small finite space of
-  equally likely draws (``draw_space``, e.g. DCS's masks), so expectations over draws are exact.
+  equally likely draws (``draw_space``, e.g. DCS's masks), so expectations over draws are exact;
+* :func:`draw_outcomes`: each draw's predictions and, per example, how many draws are correct.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from bench import tasks
 from bench.capabilities import capability, shares_randomness, wrapped
 from bench.errors import BenchError
 
-__all__ = ["draw_logits", "enumerated_logits"]
+__all__ = ["draw_logits", "draw_outcomes", "enumerated_logits"]
 
 
 def _check_draws(draws: int) -> int:
@@ -94,3 +96,10 @@ def enumerated_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise BenchError(f"{type(model).__name__}.enumerate_draws() gave {len(logits)} draws, "
                          f"but the model declares draw_space={space}")
     return torch.stack(logits)
+
+
+def draw_outcomes(logits: torch.Tensor, y: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predictions of each draw of ``logits`` (draws, B, ...) and, per example, how many of the
+    draws are correct (all labels, for multilabel): ``(preds, correct_draws)``."""
+    preds = torch.stack([tasks.predict(lg, task) for lg in logits])
+    return preds, torch.stack([tasks.correct(p, y, task) for p in preds]).sum(dim=0)

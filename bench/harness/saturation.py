@@ -16,17 +16,16 @@ stores each outcome as check ``eot_saturation <threat>`` (:func:`check_name`). T
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from bench import tasks
 from bench.capabilities import capability
-from bench.config import AttackSpec, Protocol, ThreatModel, stable_hash
+from bench.config import AttackSpec, Protocol, ThreatModel
 from bench.errors import BenchError
-from bench.harness.draws import draw_logits
+from bench.harness.draws import draw_logits, draw_outcomes
+from bench.harness.stages import seed_of
 from bench.registry import ATTACKS
 from bench.results.checks import CheckResult
 
@@ -100,14 +99,8 @@ def eot_budget(spec: AttackSpec) -> str:
 def single_draw_values(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
     """Per example, the fraction of ``draws`` draws that classify ``x_adv`` correctly; the draws are
     independent across draws and examples (:func:`bench.harness.draws.draw_logits`)."""
-    task = str(capability(model, "task"))
-    logits = draw_logits(model, x_adv, draws)
-    correct = torch.stack([tasks.correct(tasks.predict(lg, task), y, task) for lg in logits])
-    return correct.double().mean(dim=0)
-
-
-def _seed(*parts: int) -> int:
-    return int(stable_hash(list(parts), 12), 16)
+    _, correct = draw_outcomes(draw_logits(model, x_adv, draws), y, str(capability(model, "task")))
+    return correct.double() / draws
 
 
 def _attacked_values(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, draws: int, seed: int,
@@ -118,9 +111,9 @@ def _attacked_values(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
     values = []
     for number, begin in enumerate(range(0, len(x), batch_size)):
         xb, yb = x[begin:begin + batch_size], y[begin:begin + batch_size]
-        torch.manual_seed(_seed(seed, number))
+        torch.manual_seed(seed_of(seed, number))
         x_adv = attack(model, xb, yb, spec.threat).x_adv
-        torch.manual_seed(_seed(seed, number, 1))
+        torch.manual_seed(seed_of(seed, number, 1))
         values.append(single_draw_values(model, x_adv, yb, draws))
     return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
 
@@ -128,21 +121,18 @@ def _attacked_values(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
 # -- the check -------------------------------------------------------------------------------------
 def paired_half_width(differences: torch.Tensor, confidence: float = CONFIDENCE) -> float:
     """Half-width of the two-sided Student-t interval of the mean of paired ``differences``:
-    t_{(1+confidence)/2, n-1} * s / sqrt(n); infinite with fewer than 2 differences."""
-    from scipy import stats
+    t_{(1+confidence)/2, n-1} * s / sqrt(n) (:func:`bench.results.intervals.t_half_width`);
+    infinite with fewer than 2 differences."""
+    from bench.results.intervals import t_half_width
 
-    n = len(differences)
-    if n < 2:
-        return math.inf
-    s = float(differences.std(unbiased=True))
-    return float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * s / math.sqrt(n)
+    return t_half_width(differences.tolist(), confidence)
 
 
 def _subset(x: torch.Tensor, y: torch.Tensor, max_examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """At most ``max_examples`` of the examples: a seeded choice, kept in their order."""
     if len(x) <= max_examples:
         return x, y
-    generator = torch.Generator().manual_seed(_seed(seed, len(x)))
+    generator = torch.Generator().manual_seed(seed_of(seed, len(x)))
     keep = torch.randperm(len(x), generator=generator)[:max_examples].sort().values
     return x[keep.to(x.device)], y[keep.to(y.device)]
 

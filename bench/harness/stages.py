@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from bench import tasks
 from bench.attacks.base import perturbation_norm
 from bench.capabilities import capability
 from bench.certifiers.smoothing import predict
 from bench.config import AttackSpec, CertifySpec, stable_hash
 from bench.errors import AttackNotApplicable, BenchError
-from bench.harness.draws import draw_logits, enumerated_logits
+from bench.harness.draws import draw_logits, draw_outcomes, enumerated_logits
 from bench.models.defended import DefendedModel
 from bench.progress import Progress, Task
 from bench.registry import ATTACKS, CERTIFIERS
@@ -103,7 +102,9 @@ def _batches(items: Sequence[int], size: int) -> Iterator[tuple[int, list[int]]]
         yield number, list(items[begin:begin + size])
 
 
-def _seed(*parts: int) -> int:
+def seed_of(*parts: int) -> int:
+    """The torch seed of one seeded piece of work (a batch of a stage, a check's batch), from its
+    parts (the run's seed, a position, a batch number, ...)."""
     return int(stable_hash(list(parts), 12), 16)
 
 
@@ -185,8 +186,7 @@ class Evaluator:
             else:  # scoring 1: the batch's R passes (shared by its examples when the model shares draws)
                 logits = torch.stack([self.model(x) for _ in range(self.draws)])
         self.forward_passes += self.draws * len(x)
-        preds = torch.stack([tasks.predict(lg, self.task) for lg in logits])
-        correct_draws = torch.stack([tasks.correct(p, y, self.task) for p in preds]).sum(dim=0)
+        preds, correct_draws = draw_outcomes(logits, y, self.task)
         if self.task == "multilabel":
             vote = (preds.float().mean(dim=0) > 0.5).long()
             return vote, correct_draws, torch.sigmoid(logits).mean(dim=0)
@@ -225,7 +225,7 @@ class Evaluator:
             for number, examples in self._work(ev, batches, task):
                 todo = [e for e in examples if e not in done]
                 if todo:
-                    torch.manual_seed(_seed(self.seed, 0, number))
+                    torch.manual_seed(seed_of(self.seed, 0, number))
                     x, y = self._tensors(todo)
                     pred, correct_draws, scores = self.score(x, y)
                     self.store.add_results(ev, self._rows(todo, y, pred, correct_draws, scores),
@@ -248,7 +248,7 @@ class Evaluator:
             for number, examples in self._work(ev, list(_batches(self.index, size)), task):
                 todo = [e for e in examples if e not in done]
                 if todo:
-                    torch.manual_seed(_seed(self.seed, position, number))
+                    torch.manual_seed(seed_of(self.seed, position, number))
                     x, y = self._tensors(todo)
                     certificates = certifier.certify(self.model, x, y)
                     rows = []
@@ -280,7 +280,7 @@ class Evaluator:
             for number, examples in self._work(ev, list(_batches(targets, self.batch_size)), task):
                 todo = [e for e in examples if e not in done]
                 if todo:
-                    torch.manual_seed(_seed(self.seed, position, number))
+                    torch.manual_seed(seed_of(self.seed, position, number))
                     x, y = self._tensors(todo)
                     try:
                         if self.frozen:

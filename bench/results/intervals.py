@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from scipy import stats
 
 __all__ = ["CONFIDENCE", "accuracy_interval", "clopper_pearson", "counts", "mcnemar_exact", "mean_interval",
-           "single_draw_interval"]
+           "single_draw_interval", "t_half_width"]
 
 CONFIDENCE = 0.95  # the level of every interval on a board or plot
 
@@ -84,11 +84,22 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
     if n == 1:
         return 0.0, 1.0
     mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    if var <= 0.0:
+    half = t_half_width(values, confidence)
+    if half <= 0.0:  # every value equal: no variance estimate
         return clopper_pearson(round(mean * n), n)
-    half = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * math.sqrt(var / n)
     return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def t_half_width(values: Sequence[float], confidence: float = CONFIDENCE) -> float:
+    """Half-width of the two-sided Student-t interval of the mean of ``values``:
+    ``t_{(1+confidence)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation (ddof 1);
+    infinite with fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return math.inf
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * math.sqrt(var / n)
 
 
 def single_draw_interval(values: Sequence[float], one_draw: bool) -> tuple[float, float] | None:
