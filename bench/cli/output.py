@@ -39,8 +39,6 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-
-
 def _single(block: SingleDraw | None) -> str:
     """A single-draw accuracy with its 95% interval, e.g. ``87.3% [82.1, 91.9]``."""
     if not block or block["accuracy"] is None:

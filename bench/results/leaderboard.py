@@ -202,12 +202,7 @@ def _row(summary: RunSummary, mark: str) -> Row:
                 CLEAN: summary["clean_accuracy"], WORST_OF_R: summary["robust_accuracy"]}
     if balanced:
         row[CLEAN.twin()] = summary.get("balanced_accuracy")
-    seen: dict[ColumnKey, int] = {}
-    for attack in summary["attacks"]:
-        key = ColumnKey.attack(attack)
-        seen[key] = seen.get(key, 0) + 1
-        if seen[key] > 1:  # the same attack twice in one cascade: keep both columns
-            key = ColumnKey.attack(attack, repeat=seen[key])
+    for key, attack in _attack_columns(summary):
         row[key] = attack["accuracy"]
         if balanced:
             row[key.twin()] = attack.get("balanced_accuracy")
@@ -226,17 +221,30 @@ def _row(summary: RunSummary, mark: str) -> Row:
     return row
 
 
+def _attack_columns(summary: RunSummary) -> list[tuple[ColumnKey, AttackRow]]:
+    """Each attack of ``summary`` with its column key (the same attack twice in one cascade gets a
+    second column: ``repeat`` 2, ...)."""
+    seen: dict[ColumnKey, int] = {}
+    out = []
+    for attack in summary["attacks"]:
+        key = ColumnKey.attack(attack)
+        seen[key] = seen.get(key, 0) + 1
+        out.append((ColumnKey.attack(attack, repeat=seen[key]) if seen[key] > 1 else key, attack))
+    return out
+
+
+def _randomized(rows: Iterable[Row]) -> bool:
+    """Whether any of ``rows`` is a randomized run's (its cells are single-draw accuracies)."""
+    return any(row.get(DRAWS) for row in rows)
+
+
 def _single_draw_cells(row: Row, summary: RunSummary) -> None:
     """Replace the clean, attack and robust cells of a randomized run's ``row`` (built from the
     worst-of-R ``accuracy`` keys) with its single-draw values, keeping their intervals under
     INTERVALS and R under DRAWS; WORST_OF_R keeps the worst-of-R robust accuracy."""
     blocks: dict[ColumnKey, SingleDraw | None] = {CLEAN: summary.get("clean_single_draw"),
                                                   ROBUST: summary.get("robust_single_draw")}
-    seen: dict[ColumnKey, int] = {}
-    for attack in summary["attacks"]:
-        key = ColumnKey.attack(attack)
-        seen[key] = seen.get(key, 0) + 1
-        blocks[ColumnKey.attack(attack, repeat=seen[key]) if seen[key] > 1 else key] = attack.get("single_draw")
+    blocks.update((key, attack.get("single_draw")) for key, attack in _attack_columns(summary))
     intervals: dict[ColumnKey, tuple[float, float] | None] = {}
     for key, block in blocks.items():
         row[key] = block["accuracy"] if block else None
@@ -283,7 +291,7 @@ def _columns(rows: Iterable[Row], imbalanced: bool) -> tuple[Column, ...]:
         """The accuracy column, followed by its balanced-accuracy twin on imbalanced datasets."""
         return [Column(key), Column(key.twin())] if imbalanced else [Column(key)]
 
-    worst = [Column(WORST_OF_R)] if any(row.get(DRAWS) for row in rows) else []
+    worst = [Column(WORST_OF_R)] if _randomized(rows) else []
     return (Column(DEFENSE), Column(MODEL), *with_ba(CLEAN), *(c for k in attacks for c in with_ba(k)),
             *with_ba(ROBUST), *worst, *(Column(k) for k in radii), Column(N))
 
@@ -382,7 +390,7 @@ INTERVAL_NOTE = "±: 95% Clopper-Pearson interval (its larger side)"
 
 def interval_note(board: Board) -> str:
     """:data:`INTERVAL_NOTE`, naming the Student-t intervals too when a row is randomized."""
-    if any(row.get(DRAWS) for row in board.rows):
+    if _randomized(board.rows):
         return "±: 95% interval, its larger side (Clopper-Pearson; Student-t for single-draw cells)"
     return INTERVAL_NOTE
 
@@ -615,7 +623,7 @@ def render_json(board: Board) -> str:
         "protocol": board.protocol,
         **({"note": board.note} if board.note else {}),
         "columns": [{"key": c.key.id, "title": c.title, "kind": c.kind} for c in board.columns],
-        "interval": _JSON_INTERVAL_RANDOMIZED if any(row.get(DRAWS) for row in board.rows) else _JSON_INTERVAL,
+        "interval": _JSON_INTERVAL_RANDOMIZED if _randomized(board.rows) else _JSON_INTERVAL,
         "rows": [{c.key.id: row.get(c.key) for c in board.columns} | {RUN_ID.id: row.get(RUN_ID)}
                  | _json_intervals(board, row) for row in board.rows],
     }
