@@ -109,10 +109,10 @@ def _saturation_stages(resolved: ResolvedRun, n_examples: int, draws: int) -> li
     """The EOT saturation checks after the attacks (:mod:`bench.harness.saturation`): for a
     randomized model that is not a smoothed classifier, the first EOT stage of each threat model
     again and with K and steps doubled, on at most ``MAX_EXAMPLES`` examples."""
-    from bench.harness.saturation import CHECK, MAX_EXAMPLES, saturation_stages, scaled_eot
+    from bench.harness.saturation import CHECK, MAX_EXAMPLES, applies_to, saturation_stages, scaled_eot
 
     info, protocol = resolved.info, resolved.protocol
-    if not info.randomized or info.smoothed or protocol.frozen:
+    if not applies_to(info.randomized, info.smoothed, protocol):
         return []
     examples = min(n_examples, MAX_EXAMPLES)
     out = []

@@ -184,11 +184,16 @@ def saturation_stages(protocol: Protocol) -> list[tuple[int, AttackSpec]]:
     return list(first.values())
 
 
-def applies(model: nn.Module, protocol: Protocol) -> bool:
+def applies_to(randomized: bool, smoothed: bool, protocol: Protocol) -> bool:
     """The check runs for a randomized model that is not a smoothed classifier, attacked by a
     protocol with an EOT stage and fresh draws (not a frozen draw)."""
-    randomized = bool(capability(model, "randomized")) and not capability(model, "smoothed_evaluation")
-    return randomized and not protocol.frozen and bool(saturation_stages(protocol))
+    return randomized and not smoothed and not protocol.frozen and bool(saturation_stages(protocol))
+
+
+def applies(model: nn.Module, protocol: Protocol) -> bool:
+    """:func:`applies_to` with what ``model`` declares."""
+    return applies_to(bool(capability(model, "randomized")), bool(capability(model, "smoothed_evaluation")),
+                      protocol)
 
 
 def record_saturation_checks(store: Store, run_id: int, model: nn.Module, data: Split, device: torch.device,
