@@ -177,6 +177,7 @@ def _execute(prepared: PreparedRun, store: Store, progress: Progress, run_id: in
     from bench.data.base import indices_hash
     from bench.harness import provenance
     from bench.harness.stages import Evaluator, scoring_for
+    from bench.models.inference import frozen_parameters
 
     resolved, test, started = prepared.resolved, prepared.examples, prepared.started
     assert test.indices is not None
@@ -206,26 +207,27 @@ def _execute(prepared: PreparedRun, store: Store, progress: Progress, run_id: in
     evaluator: Evaluator | None = None
     store.start_clock(run_id, started)  # each committed batch accounts its cost: a kill loses at most one batch
     try:
-        _record_checks(store, run_id, model, test, device)
-        model.eval()
-        scoring = scoring_for(model, resolved.protocol.draws, version=resolved.protocol.scoring,
-                              exact=resolved.protocol.exact)
-        evaluator = Evaluator(store, run_id, model, test, device, resolved.config.batch_size, resolved.config.seed,
-                              scoring, progress, frozen=resolved.protocol.frozen,
-                              shard=(distributed.rank(), distributed.world_size()))
-        _run_stages(resolved, evaluator)
-        if evaluator.shard[1] > 1:  # every rank's rows are stored (each stage ended at a barrier)
-            if not distributed.is_main():
-                return run_id  # rank 0 finishes the run
-            evaluator.shard = (0, 1)
-            _run_stages(resolved, evaluator)  # finds every row present: computes nothing, marks the stages finished
-        record_saturation_checks(store, run_id, resolved, model, test, device, progress)
-        if resolved.protocol.certifiers:  # protocols that certify audit their certificates (docs/certification.md)
-            from bench.harness.audit import audit_run
+        with frozen_parameters(model):  # attacks and audits need input gradients only
+            _record_checks(store, run_id, model, test, device)
+            model.eval()
+            scoring = scoring_for(model, resolved.protocol.draws, version=resolved.protocol.scoring,
+                                  exact=resolved.protocol.exact)
+            evaluator = Evaluator(store, run_id, model, test, device, resolved.config.batch_size, resolved.config.seed,
+                                  scoring, progress, frozen=resolved.protocol.frozen,
+                                  shard=(distributed.rank(), distributed.world_size()))
+            _run_stages(resolved, evaluator)
+            if evaluator.shard[1] > 1:  # every rank's rows are stored (each stage ended at a barrier)
+                if not distributed.is_main():
+                    return run_id  # rank 0 finishes the run
+                evaluator.shard = (0, 1)
+                _run_stages(resolved, evaluator)  # finds every row present: computes nothing, marks the stages finished
+            record_saturation_checks(store, run_id, resolved, model, test, device, progress)
+            if resolved.protocol.certifiers:  # protocols that certify audit their certificates (docs/certification.md)
+                from bench.harness.audit import audit_run
 
-            audit_run(store, run_id, model=model, data=test, progress=progress, seed=resolved.config.seed)
-        record_result_checks(store, run_id)
-        store.finish_run(run_id)
+                audit_run(store, run_id, model=model, data=test, progress=progress, seed=resolved.config.seed)
+            record_result_checks(store, run_id)
+            store.finish_run(run_id)
     except BaseException as exc:
         store.fail_run(run_id, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         raise

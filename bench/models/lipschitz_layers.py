@@ -28,8 +28,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn import functional as F
 
@@ -48,6 +50,18 @@ __all__ = [
 ]
 
 _TINY = 1e-12  # floor of the AOL row sums: a smaller value only shrinks D, which keeps the bound
+
+
+def _tracked(*tensors: torch.Tensor) -> bool:
+    """Whether autodiff may record operations on ``tensors``: reverse mode (grad enabled and one of
+    them requires grad) or forward mode (one of them carries a tangent; inference mode drops both).
+    The evaluation fast paths below (in-place arithmetic, ``out=``, a reused rescaled weight) run
+    only when this is False, so every gradient is exactly what the out-of-place code gives."""
+    if torch.is_inference_mode_enabled():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def aol_scale(gram: torch.Tensor) -> torch.Tensor:
@@ -91,7 +105,49 @@ def _orthogonal_(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-class AOLLinear(nn.Module):
+class _AOLLayer(nn.Module):
+    """Shared by the AOL layers: the rescaled weight, recomputed only when it can have changed.
+
+    The rescaling is a deterministic function of ``weight``, and its cost does not shrink with the
+    batch (the Gram kernel of a 256-channel 3x3 convolution is about a billion multiply-adds, as much
+    as a 64 px image's whole forward pass at batch 32). :meth:`rescaled_weight` therefore reuses the
+    value it computed last when (1) the layer is in eval mode, (2) no derivative with respect to the
+    weight can be asked for (:func:`_tracked`: autograd off or ``weight.requires_grad`` False, and
+    no forward-mode tangent on it), and (3) the weight is
+    the same storage at the same version: an optimizer step or ``load_state_dict`` (in-place, version
+    bump), a device or dtype move, or an assignment of new data all force a recomputation. The
+    reused tensor holds exactly the values a recomputation would give, so the proof of the bound is
+    untouched; in training mode, or whenever the weight may need a gradient, it is always recomputed.
+    """
+
+    weight: nn.Parameter
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rescaled: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (source, version, value)
+
+    def _rescale(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rescaled_weight(self) -> torch.Tensor:
+        """``weight`` with AOL's input-side scaling (operator norm <= 1)."""
+        w = self.weight
+        if self.training or _tracked(w):
+            return self._rescale(w)
+        cached = self._rescaled
+        if cached is not None and cached[0].data_ptr() == w.data_ptr() and cached[0].dtype == w.dtype \
+                and cached[0].device == w.device and cached[1] == w._version:
+            return cached[2]
+        # a normal tensor even under inference_mode, so a later pass with autograd on can use it;
+        # the source is held (a detached alias sharing the version counter), so its storage cannot be
+        # freed and its address reused by other data while the entry stands
+        with torch.inference_mode(False), torch.no_grad():
+            value = self._rescale(w)
+        self._rescaled = (w.detach(), w._version, value)
+        return value
+
+
+class AOLLinear(_AOLLayer):
     """Linear layer ``x -> W D x + b`` with ``||W D||_2 <= 1`` for every ``W`` (AOL).
 
     ``D = diag(d)``, ``d_i = (sum_j |W^T W|_ij)^(-1/2)``. **Proof.** Let ``M = W^T W`` (symmetric).
@@ -111,8 +167,7 @@ class AOLLinear(nn.Module):
         self.weight = nn.Parameter(_orthogonal_(torch.empty(self.out_features, self.in_features)))
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
 
-    def rescaled_weight(self) -> torch.Tensor:
-        w = self.weight
+    def _rescale(self, w: torch.Tensor) -> torch.Tensor:
         return w * aol_scale(w.t() @ w).unsqueeze(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +177,7 @@ class AOLLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class AOLConv2d(nn.Module):
+class AOLConv2d(_AOLLayer):
     """Stride-1, zero-padded ("same") convolution whose operator norm is <= 1 for every kernel (AOL).
 
     The kernel ``K`` (out, in, k, k) is rescaled per *input* channel: ``K'[o, c] = d_c K[o, c]`` with
@@ -154,8 +209,7 @@ class AOLConv2d(nn.Module):
         self.weight = nn.Parameter(_orthogonal_(weight))
         self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
 
-    def rescaled_weight(self) -> torch.Tensor:
-        w = self.weight
+    def _rescale(self, w: torch.Tensor) -> torch.Tensor:
         return w * aol_scale(conv_gram(w)).view(1, -1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,6 +227,9 @@ class GroupSort(nn.Module):
     ``|max(a,b) - max(a',b')|^2 + |min(a,b) - min(a',b')|^2 <= |a - a'|^2 + |b - b'|^2`` (sorting is
     1-Lipschitz in L2); summing over the disjoint pairs gives the bound for the whole tensor.
     It is also gradient-norm preserving (its Jacobian is a permutation wherever it exists).
+
+    Its gradients (:class:`_MaxMin`) are, bit for bit, those autograd gives ``torch.maximum`` and
+    ``torch.minimum`` (ties included: each side gets half), at a fraction of their cost.
     """
 
     lipschitz = 1.0
@@ -181,9 +238,63 @@ class GroupSort(nn.Module):
         channels = x.shape[1]
         if channels % 2:
             raise ValueError(f"GroupSort needs an even number of channels, got {channels}")
-        pairs = x.unflatten(1, (channels // 2, 2))
-        a, b = pairs.unbind(dim=2)
-        return torch.stack((torch.maximum(a, b), torch.minimum(a, b)), dim=2).flatten(1, 2)
+        return _MaxMin.apply(x) if _tracked(x) else _maxmin(x)
+
+
+def _pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two members (a, b) of each channel pair of ``x`` (views)."""
+    a, b = x.unflatten(1, (x.shape[1] // 2, 2)).unbind(dim=2)
+    return a, b
+
+
+def _maxmin(x: torch.Tensor) -> torch.Tensor:
+    """MaxMin without autodiff, written in place (no stacked copy)."""
+    a, b = _pairs(x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    top, bottom = _pairs(out)
+    torch.maximum(a, b, out=top)
+    torch.minimum(a, b, out=bottom)
+    return out
+
+
+class _MaxMin(torch.autograd.Function):
+    """MaxMin with autograd's derivatives of ``maximum``/``minimum`` computed directly.
+
+    Reverse mode: a gets the max output's gradient where a > b, the min output's where a < b and
+    half of each at a tie (b the other way round); autograd's own backward of the stacked
+    ``maximum``/``minimum`` builds the same values, bit for bit, from eight masked passes. Forward
+    mode routes the tangents the same way (autograd's formula ``b_t + w (a_t - b_t)`` agrees up to
+    rounding). A backward that records a graph (``create_graph``) stays differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return _maxmin(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        a, b = _pairs(x)
+        g_max, g_min = _pairs(grad)
+        above, tie = a > b, a == b
+        g_a, g_b = torch.where(above, g_max, g_min), torch.where(above, g_min, g_max)
+        if bool(tie.any()):
+            half = g_max / 2 + g_min / 2
+            g_a, g_b = torch.where(tie, half, g_a), torch.where(tie, half, g_b)
+        return torch.stack((g_a, g_b), dim=2).flatten(1, 2)
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        a, b = _pairs(x)
+        t_a, t_b = _pairs(tangent)
+        above, tie = a > b, a == b
+        t_max, t_min = torch.where(above, t_a, t_b), torch.where(above, t_b, t_a)
+        if bool(tie.any()):
+            half = t_a / 2 + t_b / 2
+            t_max, t_min = torch.where(tie, half, t_max), torch.where(tie, half, t_min)
+        return torch.stack((t_max, t_min), dim=2).flatten(1, 2)
 
 
 # -- randomness ----------------------------------------------------------------------------------------
@@ -303,7 +414,7 @@ class RandomProjectionConv2d(StochasticModule):
         return (r @ patches).view(n, self.random_channels, h, w) / k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.learned(x), self.project(x)], dim=1) / math.sqrt(2.0)
+        return torch.cat([self.learned(x), self.project(x)], dim=1).div_(math.sqrt(2.0))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, random_channels={self.random_channels}, "
@@ -341,10 +452,16 @@ class NoisyAttentionGate(StochasticModule):
             return mean.expand_as(x)
         eps = self.draw((tuple(x.shape), x.device, x.dtype),
                         lambda: torch.randn(x.shape, device=x.device, dtype=x.dtype))
-        return (mean + self.noise * eps).clamp(0.0, 1.0)
+        if self.frozen or _tracked(self.logit):
+            return (mean + self.noise * eps).clamp(0.0, 1.0)
+        # the same operations in the same order, in place on this pass's own fresh draw
+        return eps.mul_(self.noise).add_(mean).clamp_(0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.gate(x) * self.act(self.conv(x))
+        h = self.act(self.conv(x))
+        if _tracked(x, h):
+            return x + self.gate(x) * h
+        return h.mul_(self.gate(x)).add_(x)  # = x + s * h, bit for bit (IEEE + and * commute)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, noise={self.noise}"
