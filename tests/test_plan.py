@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from bench import progress as progress_module
 from bench.cli import app
 from bench.config import RunConfig
-from bench.device import configure_threads, oversubscribed
+from bench.device import configure_allocator, configure_threads, oversubscribed
 from bench.errors import BenchError
 from bench.harness.plan import AUTOATTACK, build_plan, estimate
 from bench.harness.resolve import resolve
@@ -101,6 +101,17 @@ def test_threads_and_the_oversubscription_warning(monkeypatch):
     assert "oversubscribed (load average 64.0" in (oversubscribed() or "")
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert oversubscribed() is None
+
+
+def test_allocator_setting_applies_on_glibc_unless_turned_off(monkeypatch):
+    import platform
+    import sys
+
+    monkeypatch.setenv("BENCH_MALLOC", "default")
+    assert configure_allocator() is False  # turned off: nothing is changed
+    monkeypatch.delenv("BENCH_MALLOC")
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert configure_allocator() is glibc  # mallopt accepted every setting (C ints in range)
 
 
 def test_cli_threads_refused_in_one_line(db_url):

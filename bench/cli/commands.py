@@ -27,10 +27,11 @@ def _store(db: str | None) -> Any:
 
 def _threads(threads: int | None) -> None:
     """``--threads`` / ``$BENCH_THREADS`` (the oversubscription warning comes with the plan, once
-    every input is checked)."""
-    from bench.device import configure_threads
+    every input is checked), and the allocator setting (:func:`bench.device.configure_allocator`)."""
+    from bench.device import configure_allocator, configure_threads
 
     configure_threads(threads)
+    configure_allocator()
 
 
 def _print_dry_run(resolved: Any, as_json: bool) -> None:
