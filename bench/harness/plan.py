@@ -97,12 +97,11 @@ def build_plan(resolved: ResolvedRun, n_examples: int) -> list[PlanStage]:
         passes = _attack_passes(spec, draws)
         stages.append(PlanStage(spec.label, f"the still-robust of {n_examples} examples, up to {passes:,.0f} "
                                 "forward passes each", n_examples, passes, spec.label))
-    stages += _saturation_stages(resolved, n_examples, draws)
     for cert in protocol.certifiers:
         passes = _certify_passes(cert)
         stages.append(PlanStage(cert.label, f"{n_examples} examples x {passes:,.0f} samples", n_examples, passes,
                                 cert.label))
-    return stages
+    return stages + _saturation_stages(resolved, n_examples, draws)  # they run once the stages are stored
 
 
 def _saturation_stages(resolved: ResolvedRun, n_examples: int, draws: int) -> list[PlanStage]:

@@ -16,6 +16,7 @@ stores each outcome as check ``eot_saturation <threat>`` (:func:`check_name`). T
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -218,6 +219,8 @@ def record_saturation_checks(store: Store, run_id: int, model: nn.Module, data: 
         x, y = data.images[pos].to(device), data.labels[pos].to(device)
         progress.log(progress.numbered(f"{CHECK} {spec.threat.label}: {spec.label} ({eot_budget(spec)}) against "
                                        f"doubled K and steps on {min(len(attacked), MAX_EXAMPLES)} examples"))
+        started = time.perf_counter()
         result = eot_saturation(model, x, y, spec, protocol.draws, seed, batch_size=batch_size)
         store.set_check(run_id, name, result.triggered, result.detail)
-        progress.log(f"{name}: {'triggered' if result.triggered else 'passed'} ({result.detail})")
+        outcome = "triggered" if result.triggered else "passed"
+        progress.log(f"{name}: {outcome} in {time.perf_counter() - started:.0f} s ({result.detail})")
