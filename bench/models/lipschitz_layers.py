@@ -275,26 +275,27 @@ class _MaxMin(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        a, b = _pairs(x)
-        g_max, g_min = _pairs(grad)
-        above, tie = a > b, a == b
-        g_a, g_b = torch.where(above, g_max, g_min), torch.where(above, g_min, g_max)
-        if bool(tie.any()):
-            half = g_max / 2 + g_min / 2
-            g_a, g_b = torch.where(tie, half, g_a), torch.where(tie, half, g_b)
-        return torch.stack((g_a, g_b), dim=2).flatten(1, 2)
+        return _route(x, grad)  # (max, min) gradients back to (a, b)
 
     @staticmethod
     def jvp(ctx: Any, tangent: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        a, b = _pairs(x)
-        t_a, t_b = _pairs(tangent)
-        above, tie = a > b, a == b
-        t_max, t_min = torch.where(above, t_a, t_b), torch.where(above, t_b, t_a)
-        if bool(tie.any()):
-            half = t_a / 2 + t_b / 2
-            t_max, t_min = torch.where(tie, half, t_max), torch.where(tie, half, t_min)
-        return torch.stack((t_max, t_min), dim=2).flatten(1, 2)
+        return _route(x, tangent)  # (a, b) tangents forward to (max, min)
+
+
+def _route(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """MaxMin's derivative on ``values``, either way: with (p, q) each channel pair of ``values`` and
+    (a, b) that of ``x``, the pair (p, q) where a > b, (q, p) where a < b and (p/2 + q/2) twice at a
+    tie. Reverse mode reads (p, q) as the (max, min) gradients and gets (a, b)'s; forward mode reads
+    them as (a, b)'s tangents and gets (max, min)'s: the map is its own transpose."""
+    a, b = _pairs(x)
+    p, q = _pairs(values)
+    above, tie = a > b, a == b
+    first, second = torch.where(above, p, q), torch.where(above, q, p)
+    if bool(tie.any()):
+        half = p / 2 + q / 2
+        first, second = torch.where(tie, half, first), torch.where(tie, half, second)
+    return torch.stack((first, second), dim=2).flatten(1, 2)
 
 
 # -- randomness ----------------------------------------------------------------------------------------
