@@ -1,8 +1,11 @@
-"""Shared by the benchmark scripts: replace one "## Title" section of docs/performance.md."""
+"""Shared by the benchmark scripts: replace one "## Title" section of docs/performance.md, read
+each stage's seconds from bench's progress lines, and end a script the same way."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -18,3 +21,26 @@ def write_section(title: str, body: str, path: Path = DOC) -> None:
     text = pattern.sub(lambda _: new + "\n", text, count=1) if pattern.search(text) else text.rstrip() + "\n\n" + new
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip() + "\n")
+
+
+def stage_seconds(log: str) -> dict[str, int]:
+    """Seconds per stage from bench's progress lines (the last, finished one of each):
+    ``[k/n] LABEL: DONE/TOTAL [fields] (N s)`` (the ``[k/n]`` prefix dropped, so runs whose plans
+    number stages differently compare) and ``eot_saturation THREAT: passed in N s``."""
+    out: dict[str, int] = {}
+    for label, done, total, seconds in re.findall(r"^(?:\[\d+/\d+\] )?(.+?): (\d+)/(\d+)(?: [^(]*)? \((\d+) s\)\s*$",
+                                                  log, flags=re.M):
+        if done == total:
+            out[label.strip()] = int(seconds)
+    for label, seconds in re.findall(r"^(eot_saturation .+?): (?:passed|triggered) in (\d+) s", log, flags=re.M):
+        out[label] = int(seconds)
+    return out
+
+
+def finish(result: dict, ok: bool, write: Callable[[dict, bool], None], no_write: bool) -> int:
+    """Print ``result`` as JSON, write the doc section unless ``no_write``; the exit status (1 if a
+    target is missed)."""
+    print(json.dumps(result, indent=2))
+    if not no_write:
+        write(result, ok)
+    return 0 if ok else 1

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section  # noqa: E402
+from _report import finish, write_section  # noqa: E402
 
 TARGET = 1.7
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,11 +148,7 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=200, help="digits test examples evaluated")
     options = parser.parse_args()
     result = measure(options.rounds, options.n)
-    ok = result["ratio"] >= TARGET and bool(result["identical"])
-    print(json.dumps(result, indent=2))
-    if not options.no_write:
-        write_report(result, ok)
-    return 0 if ok else 1
+    return finish(result, result["ratio"] >= TARGET and bool(result["identical"]), write_report, options.no_write)
 
 
 if __name__ == "__main__":

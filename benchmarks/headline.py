@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _report import write_section  # noqa: E402
+from _report import finish, stage_seconds, write_section  # noqa: E402
 from distributed import rows  # noqa: E402
 
 TARGET = 4.0
@@ -64,19 +63,6 @@ def worker(src: str, out: str, argv: list[str]) -> None:
         app(argv, standalone_mode=False)
     finally:
         Path(out).write_text(json.dumps({"seconds": time.perf_counter() - start[0]}))
-
-
-def stage_seconds(log: str) -> dict[str, int]:
-    """Seconds per stage from the progress lines: ``[k/n] LABEL: DONE/TOTAL (N s)``, ``audit: ...``
-    and ``eot_saturation THREAT: passed in N s``."""
-    out: dict[str, int] = {}
-    for label, done, total, seconds in re.findall(r"^(?:\[\d+/\d+\] )?(.+?): (\d+)/(\d+)(?: [^(]*)? \((\d+) s\)\s*$",
-                                                  log, flags=re.M):
-        if done == total:
-            out[label.strip()] = int(seconds)
-    for label, seconds in re.findall(r"^(eot_saturation .+?): (?:passed|triggered) in (\d+) s", log, flags=re.M):
-        out[label] = int(seconds)
-    return out
 
 
 def ham_subset(given: str | None, work: Path) -> Path | None:
@@ -179,11 +165,7 @@ def main() -> int:
     if result is None:
         print("headline: the HAM10000 files of ../shared/data are absent; nothing to measure")
         return 0
-    ok = result["ratio"] >= TARGET and bool(result["identical"])
-    print(json.dumps(result, indent=2))
-    if not options.no_write:
-        write_report(result, ok)
-    return 0 if ok else 1
+    return finish(result, result["ratio"] >= TARGET and bool(result["identical"]), write_report, options.no_write)
 
 
 if __name__ == "__main__":

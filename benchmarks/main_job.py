@@ -34,7 +34,7 @@ MAIN_JOB_TEXT = "bench " + " ".join(MAIN_JOB)
 TARGET_MAIN_S = 120.0
 TARGET_RATIO = 0.05
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOC, write_section  # noqa: E402
+from _report import DOC, stage_seconds, write_section  # noqa: E402
 
 SECTION = "## Main job"
 
@@ -130,15 +130,6 @@ def measure() -> dict[str, object]:
         "table": re.sub(r"\s+$", "", table, flags=re.M),
         "stages": stage_seconds(proc.stderr),
     }
-
-
-def stage_seconds(log: str) -> dict[str, int]:
-    """Each stage's elapsed seconds, from the progress lines ``LABEL: DONE/TOTAL (N s)`` (the last one)."""
-    stages: dict[str, int] = {}
-    for label, done, total, seconds in re.findall(r"^(.+?): (\d+)/(\d+) \((\d+) s\)\s*$", log, flags=re.M):
-        if done == total:
-            stages[label.strip()] = int(seconds)
-    return stages
 
 
 def verdicts(m: dict[str, object]) -> list[tuple[str, str, bool]]:
