@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from bench.capabilities import capability, shares_randomness
 from bench.certifiers.base import ALPHA, Certificate, Certifier, CertifierInfo
+from bench.certifiers.sampler import PackedSampler, auto_batch, input_noise_sigma
 from bench.certifiers.stats import (
     BetaBinomialConfidenceSequence,
     binomial_pvalue,
@@ -31,110 +31,44 @@ from bench.certifiers.stats import (
     smoothing_radius,
 )
 from bench.errors import BenchError
-from bench.models.compiled import COMPILE, CompileCache, wants_compile
+from bench.models.compiled import COMPILE, CompileCache
 from bench.params import Param
 from bench.registry import register_certifier
 
-__all__ = ["Smoothing", "auto_batch", "certify_counts", "input_noise_sigma", "predict", "sample_counts"]
+__all__ = ["Smoothing", "auto_batch", "certify_counts", "certify_window", "input_noise_sigma", "predict",
+           "sample_counts"]
 
 SIGMA = Param(None, float, gt=0)  # the smoothing noise level; default: the model's declared sigma
-
-
-def auto_batch(x: torch.Tensor) -> int:
-    """Noise samples per forward pass. On a GPU: about 4M input values, between 400 and 10,000
-    samples (large passes fill the device). On a CPU: 512 (measured for the eager and the
-    compiled model, 1x8x8 and 3x32x32 inputs: 2,048 samples per pass ran 25-40 % slower, their
-    activations no longer fit in the caches)."""
-    if x.device.type == "cpu":
-        return 512
-    per_sample = max(1, x[0].numel())
-    return int(min(10_000, max(400, (1 << 22) // per_sample)))
-
-
-def input_noise_sigma(model: nn.Module, sigma: float) -> float:
-    """The std of the Gaussian noise a sampler must add to the input: ``sigma``, or 0 for a model
-    that declares ``adds_smoothing_noise`` (it draws fresh smoothing noise at every pass itself)."""
-    return 0.0 if capability(model, "adds_smoothing_noise") else sigma
 
 
 def sample_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, batch: int | None = None,
                   amp: bool = False, compile: bool | str = "auto", cache: CompileCache | None = None) -> torch.Tensor:
     """Votes of the base classifier under ``num`` Gaussian samples per example: an (N, K) tensor.
 
-    Samples of several examples share a forward pass (rows are laid out example by example), so
-    small models and small ``num`` use large batches. Noise is drawn on ``x``'s device, under
-    ``torch.inference_mode``; ``amp`` runs the forward pass in bfloat16 autocast on CUDA (the
-    vote counting stays exact; see docs/certification.md for the check that it does not bias the
-    votes). A randomized model with shared randomness is sampled one row per example per pass.
-    A model that adds its own smoothing noise gets the clean input (:func:`input_noise_sigma`).
-    ``compile`` (``auto``, True, False) runs a deterministic model through ``torch.compile``
-    (:mod:`bench.models.compiled`; ``auto``: on a CPU, for calls of at least 200,000 samples); the
-    noise is drawn eagerly either way, from the same generator, and votes are counted the same way.
-    ``cache`` keeps the compiled model across calls (the certifier owns one); without it a call
-    compiles for itself.
+    One round of ``num`` samples per example through :class:`~bench.certifiers.sampler.PackedSampler`
+    (samples of several examples share a forward pass of ``batch`` rows; each example's noise
+    comes from its own stream; a randomized model with shared randomness is sampled one row per
+    example per pass; a model that adds its own smoothing noise gets the clean input). Runs under
+    ``torch.inference_mode``; ``amp`` runs the forward pass in bfloat16 autocast on CUDA (the vote
+    counting stays exact; see docs/certification.md for the check that it does not bias the
+    votes). ``compile`` (``auto``, True, False) runs a deterministic model through
+    ``torch.compile`` (:mod:`bench.models.compiled`; ``auto``: on a CPU, for calls of at least
+    200,000 samples); the noise is drawn eagerly either way, from the same streams, and votes are
+    counted the same way. ``cache`` keeps the compiled model across calls (the certifier owns one);
+    without it a call compiles for itself.
     """
-    sigma = input_noise_sigma(model, sigma)
-    n_examples = len(x)
-    num_classes = int(capability(model, "num_classes") or 0) or None
-    use_amp = amp and x.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-    counts: torch.Tensor | None = None
-    with torch.inference_mode(), autocast:
-        if shares_randomness(model):
-            for _ in range(num):  # one sample per example per pass: fresh, independent draws
-                noisy = x + sigma * torch.randn_like(x) if sigma else x
-                pred = model(noisy).argmax(dim=1)
-                k = num_classes or int(pred.max()) + 1
-                votes = torch.nn.functional.one_hot(pred, k)
-                counts = votes if counts is None else counts + votes
-        else:
-            total = n_examples * num
-            flat = torch.zeros(0, dtype=torch.long, device=x.device)
-            k = num_classes or int(model(x[:1]).shape[1])
-            fast = None
-            batch = batch or auto_batch(x)
-            if not use_amp and wants_compile(model, x.device, total, compile):
-                fast = (cache or CompileCache()).forward_for(model, _probe(x, batch, sigma))
-            layout = torch.channels_last if x.device.type == "cuda" and x.ndim == 4 else torch.contiguous_format
-            width = batch if fast is not None else min(batch, total)  # the compiled model has a fixed batch size
-            buffer = torch.zeros((width, *x.shape[1:]), device=x.device, dtype=x.dtype).contiguous(memory_format=layout)
-            for start in range(0, total, batch):
-                stop = min(start + batch, total)
-                noisy = buffer[:stop - start]
-                if sigma:
-                    noisy.normal_(0.0, sigma)  # in place: no allocation per pass
-                else:
-                    noisy.zero_()
-                _add_examples(noisy, x, start, num)
-                # the compiled model always gets the whole buffer; rows past ``stop`` are ignored
-                logits = model(noisy) if fast is None else fast(buffer)[:stop - start]
-                example = torch.arange(start, stop, device=x.device) // num
-                part = torch.bincount(example * k + logits.argmax(dim=1), minlength=n_examples * k)
-                flat = part if flat.numel() == 0 else flat + part
-            counts = flat.view(n_examples, -1) if flat.numel() else None
-    if counts is None:
+    votes: list[torch.Tensor | None] = [None] * len(x)
+
+    def keep(example: int, counts: torch.Tensor) -> int:
+        votes[example] = counts
+        return 0
+
+    if num >= 1 and len(x):
+        PackedSampler(model, x, sigma, width=batch, amp=amp, compile=compile, cache=cache,
+                      expected=len(x) * num).run(lambda _: num, keep)
+    if any(v is None for v in votes) or not votes:
         raise BenchError("smoothing: no samples drawn")
-    return counts.long().cpu()
-
-
-def _add_examples(rows: torch.Tensor, x: torch.Tensor, start: int, num: int) -> torch.Tensor:
-    """Add to ``rows`` (rows ``start:start + len(rows)`` of the example-major sample layout,
-    ``num`` rows per example of ``x``) each row's example, in place (no gathered copy of ``x``)."""
-    position, stop = start, start + len(rows)
-    while position < stop:
-        end = min(stop, (position // num + 1) * num)
-        rows[position - start:end - start] += x[position // num]
-        position = end
-    return rows
-
-
-def _probe(x: torch.Tensor, batch: int, sigma: float) -> torch.Tensor:
-    """A full batch of noisy copies of ``x`` for checking a compiled model, drawn from a private
-    generator so the sampling draws stay the same whether or not a model gets compiled."""
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    rows = torch.arange(batch, device=x.device) % len(x)
-    noise = torch.randn((batch, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
-    return x[rows] + sigma * noise
+    return torch.stack(votes)  # type: ignore[arg-type]
 
 
 def certify_counts(selection: torch.Tensor, estimation: torch.Tensor, alpha: float,
@@ -166,6 +100,19 @@ def predict(model: nn.Module, x: torch.Tensor, sigma: float, n: int = 1000, alph
         n_b = int(top2.values[1]) if len(row) > 1 else 0
         out.append(int(top2.indices[0]) if binomial_pvalue(n_a, n_a + n_b) <= alpha else None)
     return out
+
+
+WINDOW = 16  # examples a run certifies together (its commit unit); each may take 100,000 samples
+# a model that shares its randomness across a pass is sampled one row per example per pass, so its
+# passes are only as wide as the examples in flight: it is certified 128 at a time
+SHARED_WINDOW = 128
+
+
+def certify_window(model: nn.Module) -> int:
+    """How many examples a run hands the certifier at once (they share its forward passes, and are
+    committed together): :data:`SHARED_WINDOW` for a model that shares its randomness across a
+    pass, else :data:`WINDOW`."""
+    return SHARED_WINDOW if shares_randomness(model) else WINDOW
 
 
 GROWTH = 1.25  # sequential rounds: 1,000 samples, then 1.25x the previous round (overshoot of a stop: < 25 %)
@@ -229,7 +176,8 @@ class Smoothing(Certifier):
             raise BenchError("smoothing: the model declares no sigma (it was not trained with Gaussian noise); "
                              "give one with --sigma")
         self.sigma = SIGMA.check(f"certifier '{self.name}'", "sigma", sigma)  # the model's may be anything
-        return {"certifier": "smoothing", "sigma": self.sigma, "n0": int(self.params["n0"]),
+        return {"certifier": "smoothing", "sigma": self.sigma, "window": certify_window(model),
+                "n0": int(self.params["n0"]),
                 "n": int(self.params["n"]), "alpha": float(self.params["alpha"]),
                 "sequential": bool(self.params["sequential"]), "amp": bool(self.params["amp"])}
 
@@ -238,66 +186,97 @@ class Smoothing(Certifier):
             self.prepare(model)
         p = self.params
         started = time.perf_counter()
-        batch = int(p["batch"]) if p["batch"] else None
-        selection = sample_counts(model, x, int(p["n0"]), self.sigma, batch, bool(p["amp"]), p["compile"],
-                                  self.compile_cache)
-        if p["sequential"]:
-            results = self._sequential(model, x, selection, batch)
-        else:
-            estimation = sample_counts(model, x, int(p["n"]), self.sigma, batch, bool(p["amp"]), p["compile"],
-                                       self.compile_cache)
-            results = [(c, r, n_a, b, int(p["n"])) for c, r, n_a, b in
-                       certify_counts(selection, estimation, float(p["alpha"]), self.sigma)]
+        n0, n = int(p["n0"]), int(p["n"])
+        rounds = _SequentialRounds(self, len(x)) if p["sequential"] else _FixedRounds(self, len(x))
+        PackedSampler(model, x, self.sigma, width=int(p["batch"]) if p["batch"] else None, amp=bool(p["amp"]),
+                      compile=p["compile"], cache=self.compile_cache, expected=len(x) * (n0 + n)
+                      ).run(lambda _: n0, rounds.after)
         seconds = (time.perf_counter() - started) / max(len(x), 1)
-        return [Certificate(prediction=c, radius=r, samples=int(p["n0"]) + used, count_a=n_a, bound=b,
-                            seconds=seconds) for c, r, n_a, b, used in results]
+        return [Certificate(prediction=c, radius=r, samples=n0 + used, count_a=n_a, bound=b, seconds=seconds)
+                for c, r, n_a, b, used in rounds.results()]
 
-    def _sequential(self, model: nn.Module, x: torch.Tensor, selection: torch.Tensor,
-                    batch: int | None) -> list[tuple[int | None, float, int, float, int]]:
-        """Anytime-valid estimation: draw in growing rounds, stop once the grid level is decided.
 
-        The failure probability alpha is split in two halves: a confidence sequence at alpha/2
-        (valid at every time, so at the data-dependent stopping time), and a Clopper-Pearson
-        bound at alpha/2 for the fixed time n (used only by examples that reach n). By the union
-        bound the reported lower bound holds with probability >= 1 - alpha (docs/certification.md).
-        """
-        p = self.params
-        half, n_max = float(p["alpha"]) / 2, int(p["n"])
+Outcome = tuple[int | None, float, int, float, int]  # prediction, radius, n_A, p_A lower bound, samples after n0
+
+
+class _FixedRounds:
+    """CERTIFY's two rounds per example: ``n0`` samples select the class, ``n`` estimate p_A."""
+
+    def __init__(self, certifier: Smoothing, size: int) -> None:
+        self.n, self.alpha, self.sigma = int(certifier.params["n"]), float(certifier.params["alpha"]), certifier.sigma
+        self.selection: list[torch.Tensor | None] = [None] * size
+        self.estimation: list[torch.Tensor | None] = [None] * size
+
+    def after(self, example: int, votes: torch.Tensor) -> int:
+        if self.selection[example] is None:
+            self.selection[example] = votes
+            return self.n
+        self.estimation[example] = votes
+        return 0
+
+    def results(self) -> list[Outcome]:
+        selection, estimation = torch.stack(self.selection), torch.stack(self.estimation)  # type: ignore[arg-type]
+        return [(c, r, n_a, b, self.n) for c, r, n_a, b in certify_counts(selection, estimation, self.alpha,
+                                                                          self.sigma)]
+
+
+class _SequentialRounds:
+    """Anytime-valid estimation: per example, rounds of 1,000 samples growing 1.25x, until the
+    grid level is decided (or ``n`` samples are drawn).
+
+    The failure probability alpha is split in two halves: a confidence sequence at alpha/2
+    (valid at every time, so at the data-dependent stopping time), and a Clopper-Pearson
+    bound at alpha/2 for the fixed time n (used only by examples that reach n). By the union
+    bound the reported lower bound holds with probability >= 1 - alpha (docs/certification.md).
+    Each example's rounds depend only on its own votes: when the others stop does not matter.
+    """
+
+    def __init__(self, certifier: Smoothing, size: int) -> None:
+        p = certifier.params
+        self.sigma, self.half, self.n_max = certifier.sigma, float(p["alpha"]) / 2, int(p["n"])
         radii = sorted(float(r) for r in (p["radii"] or (0.0,)))
-        thresholds = [0.5 if r == 0 else _phi(r / self.sigma) for r in radii]
-        classes = [int(s.argmax()) for s in selection]
-        sequences = [BetaBinomialConfidenceSequence(half) for _ in classes]
-        active = list(range(len(x)))
-        step = min(1000, n_max)
-        while active:
-            counts = sample_counts(model, x[active], step, self.sigma, batch, bool(p["amp"]), p["compile"],
-                                   self.compile_cache)
-            still = []
-            for row, i in zip(counts, active):
-                cs = sequences[i]
-                cs.update(int(row[classes[i]]), step)
-                if cs.n >= n_max:
-                    continue
-                # futility: the bound reachable by n if the remaining samples voted for c_A at the
-                # rate of a 95 % upper confidence bound (a stopping rule never affects validity)
-                rate = 1.0 - clopper_pearson_lower(cs.n - cs.k, cs.n, FUTILITY_LEVEL)
-                best_k = cs.k + math.floor((n_max - cs.n) * rate)
-                reachable = max(cs_lower_bound(best_k, n_max, half), clopper_pearson_lower(best_k, n_max, half))
-                level = _grid_level(cs.lower(), thresholds)
-                if level < min(_grid_level(cs.upper(), thresholds), _grid_level(reachable, thresholds)):
-                    still.append(i)
-            active = still
-            if active:  # active examples have all drawn the same number; never exceed n in total
-                step = min(int(step * GROWTH), n_max - sequences[active[0]].n)
-        out: list[tuple[int | None, float, int, float, int]] = []
-        for i, cs in enumerate(sequences):
+        self.thresholds = [0.5 if r == 0 else _phi(r / self.sigma) for r in radii]
+        self.classes: list[int | None] = [None] * size
+        self.sequences = [BetaBinomialConfidenceSequence(self.half) for _ in range(size)]
+        self.steps = [0] * size
+
+    def after(self, example: int, votes: torch.Tensor) -> int:
+        cs = self.sequences[example]
+        if self.classes[example] is None:  # the selection round
+            self.classes[example] = int(votes.argmax())
+            step = min(1000, self.n_max)
+        else:
+            cs.update(int(votes[self.classes[example]]), self.steps[example])
+            if not self._undecided(cs):
+                return 0
+            step = min(int(self.steps[example] * GROWTH), self.n_max - cs.n)  # never exceed n in total
+        self.steps[example] = step
+        return step
+
+    def _undecided(self, cs: BetaBinomialConfidenceSequence) -> bool:
+        """Whether the grid level is still open and reachable: the confidence sequence has not
+        decided it and, by futility, more samples could still raise it."""
+        if cs.n >= self.n_max:
+            return False
+        # futility: the bound reachable by n if the remaining samples voted for c_A at the
+        # rate of a 95 % upper confidence bound (a stopping rule never affects validity)
+        rate = 1.0 - clopper_pearson_lower(cs.n - cs.k, cs.n, FUTILITY_LEVEL)
+        best_k = cs.k + math.floor((self.n_max - cs.n) * rate)
+        reachable = max(cs_lower_bound(best_k, self.n_max, self.half),
+                        clopper_pearson_lower(best_k, self.n_max, self.half))
+        level = _grid_level(cs.lower(), self.thresholds)
+        return level < min(_grid_level(cs.upper(), self.thresholds), _grid_level(reachable, self.thresholds))
+
+    def results(self) -> list[Outcome]:
+        out: list[Outcome] = []
+        for c_a, cs in zip(self.classes, self.sequences):
             lower = cs.lower()
-            if cs.n >= n_max:  # reached the fixed time n: the Clopper-Pearson half of alpha applies
-                lower = max(lower, clopper_pearson_lower(cs.k, cs.n, half))
+            if cs.n >= self.n_max:  # reached the fixed time n: the Clopper-Pearson half of alpha applies
+                lower = max(lower, clopper_pearson_lower(cs.k, cs.n, self.half))
             if lower <= 0.5:
                 out.append((None, 0.0, cs.k, lower, cs.n))
             else:
-                out.append((classes[i], smoothing_radius(lower, self.sigma), cs.k, lower, cs.n))
+                out.append((c_a, smoothing_radius(lower, self.sigma), cs.k, lower, cs.n))
         return out
 
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Evaluator", "Scoring", "scoring_for"]
 
-CERTIFY_BATCH = 16  # examples per committed batch of certificates (each may take 100,000 samples)
+CERTIFY_BATCH = 16  # examples per committed batch of certificates, unless the certificate names its ``window``
 PREDICT_N, PREDICT_ALPHA = 1000, 0.001  # PREDICT of a smoothed classifier (Salman et al.'s empirical evaluation)
 
 
@@ -100,6 +100,13 @@ def _batches(items: Sequence[int], size: int) -> Iterator[tuple[int, list[int]]]
     number (hence its seed) depend only on ``items`` and ``size``, never on the world size."""
     for number, begin in enumerate(range(0, len(items), size)):
         yield number, list(items[begin:begin + size])
+
+
+def certify_batch(described: dict[str, Any], batch_size: int) -> int:
+    """Examples per committed batch of a certification stage: the certifier's ``window`` (a
+    smoothing certificate's, :func:`bench.certifiers.smoothing.certify_window`) or
+    :data:`CERTIFY_BATCH`, at most the run's batch size."""
+    return max(1, min(batch_size, int(described.get("window") or CERTIFY_BATCH)))
 
 
 def seed_of(*parts: int) -> int:
@@ -243,7 +250,7 @@ class Evaluator:
         ev = self.store.evaluation(self.run_id, position, EvalKind.CERTIFY, spec.certifier,
                                    sigma=described.get("sigma"), params={**spec.kwargs, "certificate": described})
         done = self.store.done_indices(ev)
-        size = max(1, min(self.batch_size, CERTIFY_BATCH))
+        size = certify_batch(described, self.batch_size)
         with self.progress.task(spec.label, total=len(self.index)) as task:
             for number, examples in self._work(ev, list(_batches(self.index, size)), task):
                 todo = [e for e in examples if e not in done]

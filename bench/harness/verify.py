@@ -94,9 +94,11 @@ def _targets(ev: dict[str, Any], order: list[int]) -> list[int]:
 
 
 def _batch_size(ev: dict[str, Any], batch_size: int) -> int:
-    from bench.harness.stages import CERTIFY_BATCH
+    from bench.harness.stages import certify_batch
 
-    return max(1, min(batch_size, CERTIFY_BATCH)) if ev["kind"] == "certify" else batch_size
+    if ev["kind"] != "certify":
+        return batch_size
+    return certify_batch((ev.get("params") or {}).get("certificate") or {}, batch_size)
 
 
 def _recomputed_batches(ev: dict[str, Any], order: list[int], chosen: set[int], batch_size: int) -> list[list[int]]:
