@@ -42,6 +42,7 @@ MASK64 = (1 << 64) - 1
 # noise numbers per pass from which a CPU draws them on several threads (below, waking the threads
 # costs more than it saves: 1x8x8 inputs at 512 samples a pass are 32,768 numbers, 0.2 ms)
 PARALLEL_NOISE = 1 << 18
+NOISE_BLOCK = 1 << 16  # numbers per call of an example's noise generator (NoiseStream)
 
 
 def auto_batch(x: torch.Tensor) -> int:
@@ -84,13 +85,45 @@ class SamplerStats:
         return self.counted / (self.passes * self.width) if self.passes else 0.0
 
 
+class NoiseStream:
+    """One example's Gaussian noise, N(0, sigma^2 I) per row: the rows come from its own
+    generator in blocks of ``block`` rows, each block drawn by one call of the same size (a block
+    partly used keeps its other rows for the next request). The rows an example receives are
+    therefore the same sequence however its requests split it: torch's CPU ``normal_`` draws
+    differently for different sizes, so drawing each segment directly would not be."""
+
+    def __init__(self, seed: int, like: torch.Tensor, sigma: float, block: int) -> None:
+        self.generator = torch.Generator(device=like.device).manual_seed(seed)
+        self.like, self.sigma, self.block = like, sigma, block
+        self.spare = like[:0]
+
+    def take(self, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (rows shaped like the examples) with the next ``len(out)`` rows; returns it."""
+        used = min(len(out), len(self.spare))
+        out[:used].copy_(self.spare[:used])
+        self.spare = self.spare[used:]
+        while len(out) - used >= self.block:
+            out[used:used + self.block].normal_(0.0, self.sigma, generator=self.generator)
+            used += self.block
+        if used < len(out):
+            fresh = torch.empty_like(self.like).normal_(0.0, self.sigma, generator=self.generator)
+            out[used:].copy_(fresh[:len(out) - used])
+            self.spare = fresh[len(out) - used:]
+        return out
+
+
+def block_rows(x: torch.Tensor) -> int:
+    """Rows per noise block: about :data:`NOISE_BLOCK` numbers (at least one row)."""
+    return max(1, NOISE_BLOCK // max(1, x[0].numel()))
+
+
 @dataclass
 class _Lane:
     """An example admitted to the passes: its noise stream, what its current round still needs,
     and the votes of that round so far."""
 
     example: int
-    generator: torch.Generator
+    noise: NoiseStream
     owed: int
     votes: torch.Tensor | None = None
 
@@ -138,6 +171,8 @@ class PackedSampler:
         # over that many examples where the queue allows
         self.lanes = max(1, min(4, torch.get_num_threads())) if x.device.type == "cpu" else 1
         self.stats = SamplerStats(self.width)
+        self.block = torch.empty((block_rows(x), *x.shape[1:]), device=x.device, dtype=x.dtype) \
+            .contiguous(memory_format=layout)  # the shape and layout of a noise block (not the width's)
 
     def run(self, first: Callable[[int], int], after: RoundEnd) -> SamplerStats:
         """Sample every example's rounds: ``first(example)`` samples, then as many as ``after``
@@ -178,8 +213,8 @@ class PackedSampler:
             example = queue.popleft()
             owed = max(0, int(first(example)))
             if owed:
-                generator = torch.Generator(device=self.x.device).manual_seed(self.seeds[example])
-                active.append(_Lane(example, generator, owed))
+                noise = NoiseStream(self.seeds[example], self.block, self.sigma, len(self.block))
+                active.append(_Lane(example, noise, owed))
 
     def _wants_more(self, active: list[_Lane]) -> bool:
         if self.shared:  # one row per example per pass: the width is filled by examples
@@ -228,7 +263,7 @@ class PackedSampler:
             lane, begin, end = segment
             rows = self.buffer[begin:end]
             if self.sigma:
-                rows.normal_(0.0, self.sigma, generator=lane.generator).add_(self.x[lane.example])
+                lane.noise.take(rows).add_(self.x[lane.example])
             else:
                 rows.copy_(self.x[lane.example].expand_as(rows))
 
