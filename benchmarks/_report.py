@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,3 +45,12 @@ def finish(result: dict, ok: bool, write: Callable[[dict, bool], None], no_write
     if not no_write:
         write(result, ok)
     return 0 if ok else 1
+
+
+def unpack(revision: str, dest: Path) -> Path:
+    """The source tree of ``revision`` of this repository, unpacked into ``dest`` with ``git archive``."""
+    root = DOC.parent.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(root), "archive", revision], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest

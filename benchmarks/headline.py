@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _report import finish, stage_seconds, write_section  # noqa: E402
+from _report import finish, stage_seconds, unpack, write_section  # noqa: E402
 from distributed import rows  # noqa: E402
 
 TARGET = 4.0
@@ -96,10 +96,7 @@ def measure(n: int, rounds: int, baseline: str, data_dir: str | None) -> dict[st
         data = ham_subset(data_dir, work)
         if data is None:
             return None
-        old = work / "baseline"
-        old.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", baseline], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+        old = unpack(baseline, work / "baseline")
         args = [*ARGS, "--data-dir", str(data), "-n", str(n)]
         launch(ROOT, [*args[:-2], "-n", "1", "--protocol", "clean"], work, "warm-up")  # trains once if needed
         seconds: dict[str, list[float]] = {"new": [], "old": []}

@@ -41,30 +41,29 @@ def test_certification_resumes_to_identical_rows(tmp_path, monkeypatch):
     assert accs == sorted(accs, reverse=True) and accs[0] > 0.5  # non-increasing in the radius
 
     store = Store(f"sqlite:///{tmp_path / 'crash.db'}")
-    original = Smoothing.certify
-    calls = {"n": 0}
+    original = Smoothing.certify_each
 
-    def crashing(self, model, x, y=None):
-        calls["n"] += 1
-        if calls["n"] == 2:  # one batch of 8 certificates (the batch size) is stored, the second dies
-            raise Crash("simulated crash")
-        return original(self, model, x, y)
+    def crashing(self, model, x, y=None, **kwargs):
+        for count, decided in enumerate(original(self, model, x, y, **kwargs)):
+            if count == 20:  # a deterministic model's certificates are stored 16 at a time as decided
+                raise Crash("simulated crash")
+            yield decided
 
-    monkeypatch.setattr(Smoothing, "certify", crashing)
+    monkeypatch.setattr(Smoothing, "certify_each", crashing)
     with pytest.raises(Crash):
         execute(CONFIG, store)
     (failed,) = store.list_runs()
-    assert failed.status is RunStatus.FAILED and len(_cert_rows(store, failed.id)) == 8
+    assert failed.status is RunStatus.FAILED and len(_cert_rows(store, failed.id)) == 16
     partial = run_summary(store, failed.id)
-    assert {c["certified_examples"] for c in partial["certified"]} == {8}  # marked partial, not final
+    assert {c["certified_examples"] for c in partial["certified"]} == {16}  # marked partial, not final
     from rich.console import Console
 
     from bench.cli.output import summary_table
 
     console = Console(width=300, record=True)
     console.print(summary_table(partial))
-    assert f"(partial: 8 of {partial['n_examples']} certified)" in console.export_text()
-    monkeypatch.setattr(Smoothing, "certify", original)
+    assert f"(partial: 16 of {partial['n_examples']} certified)" in console.export_text()
+    monkeypatch.setattr(Smoothing, "certify_each", original)
     assert execute(CONFIG, store) == failed.id
     assert _cert_rows(store, failed.id) == _cert_rows(reference, ref_id)
 

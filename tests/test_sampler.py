@@ -8,7 +8,14 @@ from scipy.stats import norm
 from torch import nn
 
 from bench.certifiers.sampler import PackedSampler, example_seed
-from bench.certifiers.smoothing import SHARED_WINDOW, WINDOW, Smoothing, certify_window, sample_counts
+from bench.certifiers.smoothing import (
+    SHARED_WINDOW,
+    STREAM_WINDOW,
+    WINDOW,
+    Smoothing,
+    certify_window,
+    sample_counts,
+)
 
 
 class HalfPlane(nn.Module):
@@ -137,11 +144,31 @@ def test_a_seeded_caller_gets_the_same_certificates_and_rounds_are_per_example()
     assert narrow[0].samples < narrow[2].samples  # a clear example stops long before a borderline one
 
 
-def test_the_certification_window_follows_the_sharing_of_randomness():
-    assert certify_window(HalfPlane()) == WINDOW
+def test_the_certification_window_follows_the_model_randomness():
+    class PerExample(HalfPlane):
+        randomized = True
+        randomness_per_example = True
+
+    assert certify_window(HalfPlane()) == STREAM_WINDOW
+    assert certify_window(PerExample()) == WINDOW
     assert certify_window(SharedDraw()) == SHARED_WINDOW
     described = Smoothing(sigma=0.25).prepare(SharedDraw())
-    assert described["window"] == SHARED_WINDOW
+    assert described["window"] == SHARED_WINDOW and described["streamed"] is False
+    assert Smoothing(sigma=0.25).prepare(HalfPlane())["streamed"] is True
+
+
+def test_keyed_certificates_do_not_depend_on_the_other_examples_of_the_call():
+    x = _examples([0.95, 0.75, 0.5, 0.62, 0.58])
+    keys = [40, 41, 42, 43, 44]
+
+    def certify(chosen):
+        torch.manual_seed(13)
+        certifier = Smoothing(sigma=0.25, n=5000, sequential=True, radii=[0.0, 0.1, 0.2])
+        out = dict(certifier.certify_each(HalfPlane(), x[chosen], keys=[keys[i] for i in chosen]))
+        return {keys[chosen[j]]: (c.prediction, c.radius, c.samples, c.count_a) for j, c in out.items()}
+
+    everything = certify([0, 1, 2, 3, 4])
+    assert certify([1, 3]) == {k: everything[k] for k in (41, 43)}  # as a resumed window would be
 
 
 def test_wrong_seed_count_is_refused():

@@ -13,6 +13,7 @@ Lipschitz bound, and refuse models that cannot be certified) and :meth:`Certifie
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -92,3 +93,15 @@ class Certifier(Parameterized):
 
         ``y`` is not used to compute certificates; certifiers may use it only for reporting."""
         raise NotImplementedError
+
+    def certify_each(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
+                     keys: Sequence[int] | None = None, planned: int | None = None
+                     ) -> Iterator[tuple[int, Certificate]]:
+        """``(position in x, certificate)`` of each example as soon as it is decided, in any order.
+
+        ``keys`` name the examples (a run passes their dataset indices) and ``planned`` is how many
+        examples the caller's batch held before any were done: a certifier that streams
+        (``prepare`` returns ``"streamed": True``) makes each certificate depend only on its key and
+        the seed of torch's generator at the call, so a resumed batch gives the same certificates.
+        The default certifies the batch with :meth:`certify` and yields them in order."""
+        yield from enumerate(self.certify(model, x, y))

@@ -25,7 +25,7 @@ Guarantees (docs/certification.md, "Sampling"):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -178,19 +178,27 @@ class PackedSampler:
         """Sample every example's rounds: ``first(example)`` samples, then as many as ``after``
         asks each time a round ends, until it returns 0. Examples enter in order, as passes have
         room for them."""
+        for _ in self.finishing(first, after):
+            pass
+        return self.stats
+
+    def finishing(self, first: Callable[[int], int], after: RoundEnd) -> Iterator[list[int]]:
+        """:meth:`run`, pass by pass: yields the examples whose last round ended in each pass."""
         queue = deque(range(len(self.x)))
         active: list[_Lane] = []
-        with torch.inference_mode(), self._autocast():
-            while True:
+        while True:
+            with torch.inference_mode(), self._autocast():
                 self._admit(queue, active, first)
                 if not active:
-                    return self.stats
+                    return
                 shares = self._shares(active)
                 votes = self._pass(active, shares)
                 ended = [lane for lane, got, row in zip(active, shares, votes)
                          if got and self._credit(lane, got, row, after)]
-                for lane in ended:
-                    active.remove(lane)
+            for lane in ended:
+                active.remove(lane)
+            if ended:
+                yield [lane.example for lane in ended]
 
     @staticmethod
     def _credit(lane: _Lane, got: int, votes: torch.Tensor, after: RoundEnd) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from bench.capabilities import capability, shares_randomness
 from bench.certifiers.base import ALPHA, Certificate, Certifier, CertifierInfo
-from bench.certifiers.sampler import PackedSampler, auto_batch, input_noise_sigma
+from bench.certifiers.sampler import PackedSampler, auto_batch, example_seed, input_noise_sigma
 from bench.certifiers.stats import (
     BetaBinomialConfidenceSequence,
     binomial_pvalue,
@@ -102,17 +103,31 @@ def predict(model: nn.Module, x: torch.Tensor, sigma: float, n: int = 1000, alph
     return out
 
 
-WINDOW = 16  # examples a run certifies together (its commit unit); each may take 100,000 samples
+WINDOW = 16  # examples a run certifies together for a randomized model; each may take 100,000 samples
 # a model that shares its randomness across a pass is sampled one row per example per pass, so its
 # passes are only as wide as the examples in flight: it is certified 128 at a time
 SHARED_WINDOW = 128
+# a deterministic model's certificates depend only on each example's own noise stream, so a run
+# can hand over many examples at once (the decided ones are stored as they come): the queue from
+# which the sampler refills the rows of decided examples
+STREAM_WINDOW = 256
 
 
 def certify_window(model: nn.Module) -> int:
-    """How many examples a run hands the certifier at once (they share its forward passes, and are
-    committed together): :data:`SHARED_WINDOW` for a model that shares its randomness across a
-    pass, else :data:`WINDOW`."""
+    """How many examples a run hands the certifier at once (they share its forward passes):
+    :data:`STREAM_WINDOW` for a deterministic model (stored as they are decided), else
+    :data:`SHARED_WINDOW` for a model that shares its randomness across a pass, else
+    :data:`WINDOW` (stored together: the internal draws of a randomized model depend on which
+    examples share the passes, so only a whole window resumes to the same certificates)."""
+    if streams(model):
+        return STREAM_WINDOW
     return SHARED_WINDOW if shares_randomness(model) else WINDOW
+
+
+def streams(model: nn.Module) -> bool:
+    """Whether the certificates of ``model`` depend only on each example's key and the call's seed
+    (a deterministic model: its votes depend only on the example's noise stream)."""
+    return not bool(capability(model, "randomized"))
 
 
 GROWTH = 1.25  # sequential rounds: 1,000 samples, then 1.25x the previous round (overshoot of a stop: < 25 %)
@@ -177,23 +192,43 @@ class Smoothing(Certifier):
                              "give one with --sigma")
         self.sigma = SIGMA.check(f"certifier '{self.name}'", "sigma", sigma)  # the model's may be anything
         return {"certifier": "smoothing", "sigma": self.sigma, "window": certify_window(model),
+                "streamed": streams(model),
                 "n0": int(self.params["n0"]),
                 "n": int(self.params["n"]), "alpha": float(self.params["alpha"]),
                 "sequential": bool(self.params["sequential"]), "amp": bool(self.params["amp"])}
 
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> list[Certificate]:
+        out: list[Certificate | None] = [None] * len(x)
+        for j, certificate in self.certify_each(model, x, y):
+            out[j] = certificate
+        return out  # type: ignore[return-value]
+
+    def certify_each(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
+                     keys: Sequence[int] | None = None, planned: int | None = None
+                     ) -> Iterator[tuple[int, Certificate]]:
+        """Certificates as examples are decided. Each example's noise stream is seeded by one draw
+        of torch's generator and its key (default: its position), so for a deterministic model a
+        certificate depends on nothing else. ``seconds`` of a certificate: the call's time so far
+        per example decided so far."""
         if not hasattr(self, "sigma"):
             self.prepare(model)
         p = self.params
         started = time.perf_counter()
         n0, n = int(p["n0"]), int(p["n"])
         rounds = _SequentialRounds(self, len(x)) if p["sequential"] else _FixedRounds(self, len(x))
-        PackedSampler(model, x, self.sigma, width=int(p["batch"]) if p["batch"] else None, amp=bool(p["amp"]),
-                      compile=p["compile"], cache=self.compile_cache, expected=len(x) * (n0 + n)
-                      ).run(lambda _: n0, rounds.after)
-        seconds = (time.perf_counter() - started) / max(len(x), 1)
-        return [Certificate(prediction=c, radius=r, samples=n0 + used, count_a=n_a, bound=b, seconds=seconds)
-                for c, r, n_a, b, used in rounds.results()]
+        base = int(torch.randint(0, 1 << 62, ()).item())
+        seeds = [example_seed(base, int(k)) for k in (keys if keys is not None else range(len(x)))]
+        sampler = PackedSampler(model, x, self.sigma, width=int(p["batch"]) if p["batch"] else None,
+                                amp=bool(p["amp"]), compile=p["compile"], cache=self.compile_cache, seeds=seeds,
+                                expected=max(len(x), planned or 0) * (n0 + n))
+        decided = 0
+        for examples in sampler.finishing(lambda _: n0, rounds.after):
+            decided += len(examples)
+            seconds = (time.perf_counter() - started) / decided
+            for j in examples:
+                c, r, n_a, b, used = rounds.result(j)
+                yield j, Certificate(prediction=c, radius=r, samples=n0 + used, count_a=n_a, bound=b,
+                                     seconds=seconds)
 
 
 Outcome = tuple[int | None, float, int, float, int]  # prediction, radius, n_A, p_A lower bound, samples after n0
@@ -214,10 +249,11 @@ class _FixedRounds:
         self.estimation[example] = votes
         return 0
 
-    def results(self) -> list[Outcome]:
-        selection, estimation = torch.stack(self.selection), torch.stack(self.estimation)  # type: ignore[arg-type]
-        return [(c, r, n_a, b, self.n) for c, r, n_a, b in certify_counts(selection, estimation, self.alpha,
-                                                                          self.sigma)]
+    def result(self, example: int) -> Outcome:
+        selection, estimation = self.selection[example], self.estimation[example]
+        assert selection is not None and estimation is not None, "the example's rounds are not over"
+        ((c, r, n_a, b),) = certify_counts(selection[None], estimation[None], self.alpha, self.sigma)
+        return c, r, n_a, b, self.n
 
 
 class _SequentialRounds:
@@ -267,17 +303,14 @@ class _SequentialRounds:
         level = _grid_level(cs.lower(), self.thresholds)
         return level < min(_grid_level(cs.upper(), self.thresholds), _grid_level(reachable, self.thresholds))
 
-    def results(self) -> list[Outcome]:
-        out: list[Outcome] = []
-        for c_a, cs in zip(self.classes, self.sequences):
-            lower = cs.lower()
-            if cs.n >= self.n_max:  # reached the fixed time n: the Clopper-Pearson half of alpha applies
-                lower = max(lower, clopper_pearson_lower(cs.k, cs.n, self.half))
-            if lower <= 0.5:
-                out.append((None, 0.0, cs.k, lower, cs.n))
-            else:
-                out.append((c_a, smoothing_radius(lower, self.sigma), cs.k, lower, cs.n))
-        return out
+    def result(self, example: int) -> Outcome:
+        c_a, cs = self.classes[example], self.sequences[example]
+        lower = cs.lower()
+        if cs.n >= self.n_max:  # reached the fixed time n: the Clopper-Pearson half of alpha applies
+            lower = max(lower, clopper_pearson_lower(cs.k, cs.n, self.half))
+        if lower <= 0.5:
+            return None, 0.0, cs.k, lower, cs.n
+        return c_a, smoothing_radius(lower, self.sigma), cs.k, lower, cs.n
 
 
 def _phi(z: float) -> float:

@@ -18,6 +18,7 @@ from torch import nn
 
 from bench.attacks.base import perturbation_norm
 from bench.capabilities import capability
+from bench.certifiers.base import Certificate
 from bench.certifiers.smoothing import predict
 from bench.config import AttackSpec, CertifySpec, stable_hash
 from bench.errors import AttackNotApplicable, BenchError
@@ -34,7 +35,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Evaluator", "Scoring", "scoring_for"]
 
-CERTIFY_BATCH = 16  # examples per committed batch of certificates, unless the certificate names its ``window``
+# examples per committed batch of certificates: a certificate's ``window`` (how many it is handed at
+# once) may be larger; a streamed one stores its decided certificates this many at a time
+CERTIFY_BATCH = 16
 PREDICT_N, PREDICT_ALPHA = 1000, 0.001  # PREDICT of a smoothed classifier (Salman et al.'s empirical evaluation)
 
 
@@ -103,10 +106,12 @@ def _batches(items: Sequence[int], size: int) -> Iterator[tuple[int, list[int]]]
 
 
 def certify_batch(described: dict[str, Any], batch_size: int) -> int:
-    """Examples per committed batch of a certification stage: the certifier's ``window`` (a
-    smoothing certificate's, :func:`bench.certifiers.smoothing.certify_window`) or
-    :data:`CERTIFY_BATCH`, at most the run's batch size."""
-    return max(1, min(batch_size, int(described.get("window") or CERTIFY_BATCH)))
+    """Examples handed to the certifier at once in a certification stage: the certifier's
+    ``window`` (a smoothing certificate's, :func:`bench.certifiers.smoothing.certify_window`) or
+    :data:`CERTIFY_BATCH`; at most the run's batch size unless the certificate is streamed (its
+    memory does not grow with the examples in flight, and it stores them as they are decided)."""
+    window = int(described.get("window") or CERTIFY_BATCH)
+    return max(1, window if described.get("streamed") else min(batch_size, window))
 
 
 def seed_of(*parts: int) -> int:
@@ -251,25 +256,37 @@ class Evaluator:
                                    sigma=described.get("sigma"), params={**spec.kwargs, "certificate": described})
         done = self.store.done_indices(ev)
         size = certify_batch(described, self.batch_size)
+        streamed = bool(described.get("streamed"))
         with self.progress.task(spec.label, total=len(self.index)) as task:
             for number, examples in self._work(ev, list(_batches(self.index, size)), task):
                 todo = [e for e in examples if e not in done]
                 if todo:
                     torch.manual_seed(seed_of(self.seed, position, number))
                     x, y = self._tensors(todo)
-                    certificates = certifier.certify(self.model, x, y)
-                    rows = []
-                    for k, (ex, cert) in enumerate(zip(todo, certificates)):
-                        label = int(y[k]) if self.task != "multilabel" else None
-                        rows.append({"example_index": ex, "label": label, "prediction": cert.prediction,
-                                     "correct": (not cert.abstained) and cert.prediction == label,
-                                     "radius": cert.radius, "abstained": cert.abstained,
-                                     "samples_used": cert.samples, "count_a": cert.count_a, "bound": cert.bound,
-                                     "seconds": cert.seconds})
-                    samples = sum(c.samples for c in certificates)
-                    self.forward_passes += samples
-                    self.store.add_results(ev, rows, forward=samples)
+                    decided: list[tuple[int, Certificate]] = []
+                    for j, certificate in certifier.certify_each(self.model, x, y, keys=todo, planned=len(examples)):
+                        decided.append((j, certificate))
+                        if streamed and len(decided) >= CERTIFY_BATCH:  # store what is decided as it comes
+                            self._store_certificates(ev, todo, y, decided)
+                            decided = []
+                    self._store_certificates(ev, todo, y, decided)
         self._end_stage(ev)
+
+    def _store_certificates(self, ev: int, todo: list[int], y: torch.Tensor,
+                            decided: list[tuple[int, Certificate]]) -> None:
+        """Store the certificates ``decided`` (position in ``todo``, certificate) in one commit."""
+        rows = []
+        for k, cert in decided:
+            label = int(y[k]) if self.task != "multilabel" else None
+            rows.append({"example_index": todo[k], "label": label, "prediction": cert.prediction,
+                         "correct": (not cert.abstained) and cert.prediction == label,
+                         "radius": cert.radius, "abstained": cert.abstained,
+                         "samples_used": cert.samples, "count_a": cert.count_a, "bound": cert.bound,
+                         "seconds": cert.seconds})
+        if rows:
+            samples = sum(c.samples for _, c in decided)
+            self.forward_passes += samples
+            self.store.add_results(ev, rows, forward=samples)
 
     def attack(self, position: int, spec: AttackSpec, alive: set[int]) -> set[int]:
         """Attack the still-robust examples ``alive``; returns those that survive.
