@@ -202,7 +202,7 @@ def noise_trained_digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor,
 
 def bench_sequential(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, radii: tuple[float, ...],
                      examples: int) -> dict[str, object]:
-    from bench.certifiers.smoothing import WINDOW, Smoothing
+    from bench.certifiers.smoothing import WINDOW, Smoothing, certify_window
 
     generator = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(images), generator=generator)[:examples].sort().values
@@ -212,8 +212,9 @@ def bench_sequential(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                             ("sequential", Smoothing(sigma=SIGMA, n=100_000, sequential=True, radii=list(radii)))):
         torch.manual_seed(1)
         start = time.perf_counter()  # in windows of examples, as a run certifies them
-        certs[name] = [c for begin in range(0, len(x), WINDOW)
-                       for c in certifier.certify(model, x[begin:begin + WINDOW])]
+        window = certify_window(model)
+        certs[name] = [c for begin in range(0, len(x), window)
+                       for c in certifier.certify(model, x[begin:begin + window])]
         seconds = time.perf_counter() - start
         accuracy = [sum(1 for c, label in zip(certs[name], y) if c.prediction == int(label) and c.radius >= r)
                     / len(x) for r in radii]
@@ -226,7 +227,7 @@ def bench_sequential(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             "reduction": fixed["samples"] / seq["samples"], "oracle": sum(oracle) / len(oracle),
             "oracle_reduction": fixed["samples"] / (sum(oracle) / len(oracle)),
             "at_n": sum(1 for c in certs["sequential"] if c.samples >= 100_100),
-            "fill": {width: pass_fill(used, width, WINDOW) for width in (512, 10_000)},
+            "fill": {width: pass_fill(used, width, certify_window(model), WINDOW) for width in (512, 10_000)},
             "max_gap": max(abs(a - b) for a, b in zip(fixed["accuracy"], seq["accuracy"]))}
 
 
@@ -255,14 +256,16 @@ def oracle_samples(count_a: int, n: int, bound: float, radii: tuple[float, ...],
     return n0 + low
 
 
-def pass_fill(used: list[int], width: int, window: int, n0: int = 100) -> dict[str, float]:
+def pass_fill(used: list[int], width: int, window: int, before: int, n0: int = 100) -> dict[str, float]:
     """Forward passes of ``width`` rows for the sequential run's examples (``used``: samples each
-    drew after its ``n0``), certified ``window`` at a time, with the same per-example rounds:
+    drew after its ``n0``), with the same per-example rounds:
 
-    * ``packed``: bench's sampler (:class:`~bench.certifiers.sampler.PackedSampler`), replayed
-      through a stand-in model (the schedule depends only on the round sizes);
-    * ``rounds``: round-synchronous sampling (the selection a call, then each round of the active
-      examples a call of its own, every call's last pass partly empty), as before issue 17.
+    * ``packed``: bench's sampler (:class:`~bench.certifiers.sampler.PackedSampler`), ``window``
+      examples at a time (a run's window for the model), replayed through a stand-in model (the
+      schedule depends only on the round sizes);
+    * ``rounds``: round-synchronous sampling, ``before`` examples at a time (the selection a call,
+      then each round of the active examples a call of its own, every call's last pass partly
+      empty), as before issue 17.
     """
     from bench.certifiers.sampler import PackedSampler
 
@@ -283,6 +286,8 @@ def pass_fill(used: list[int], width: int, window: int, n0: int = 100) -> dict[s
 
         sampler = PackedSampler(Stand(), torch.zeros(len(plans), 1, 1, 1), 0.0, width=width, compile=False)
         passes["packed"] += sampler.run(lambda _: n0, after).passes
+    for begin in range(0, len(used), before):
+        plans = [rounds_of(u) for u in used[begin:begin + before]]
         passes["rounds"] += math.ceil(len(plans) * n0 / width)
         for r in range(max(len(p) for p in plans)):
             rows = sum(p[r] for p in plans if len(p) > r)
@@ -362,7 +367,8 @@ def sequential_notes(seq: dict) -> str:
         f"at most {seq['oracle_reduction']:.1f}x fewer than fixed n, for any valid procedure that certifies the same\n"
         f"levels. {seq['at_n']} of the {seq['examples']} examples drew the full 100,000 in the sequential run.\n\n"
         "**Pass fill of the sequential run** (counted rows over the rows of the forward passes, the same\n"
-        "per-example rounds, 16 examples per window):\n\n"
+        "per-example rounds; packed: the run's window of 256 examples for this deterministic model, refilled\n"
+        "as examples are decided; before: 16 examples at a time, each round a call):\n\n"
         "| width (rows per pass) | packed sampler (refill) | round-synchronous (before) |\n| ---: | ---: | ---: |\n"
         + table + "\n")
 
