@@ -139,7 +139,7 @@ def hycas_worker(src: str, out: str) -> None:
 
     spec = get_dataset("ham10000").spec
     torch.manual_seed(0)
-    model = DEFENSES.get("hycas")().build(spec, 64).eval()
+    model = DEFENSES.get("hycas")().build(spec, 64, arch="hycas-small").eval()  # the CPU recipe's network
     x = torch.rand((HYCAS_EXAMPLES, *spec.shape(64)), generator=torch.Generator().manual_seed(1))
     Smoothing(n=200, n0=10).certify(model, x[:1])  # warm-up
     certifier = Smoothing(n=HYCAS_N, n0=HYCAS_N0)

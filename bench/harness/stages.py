@@ -150,10 +150,12 @@ class Evaluator:
         self.forward_passes = 0
         self.backward_passes = 0
 
-    def _work(self, ev: int, batches: list[tuple[int, list[int]]], task: Task) -> Iterator[tuple[int, list[int]]]:
+    def _work(self, ev: int, batches: list[tuple[int, list[int]]], task: Task,
+              own: bool = True) -> Iterator[tuple[int, list[int]]]:
         """The batches of evaluation ``ev`` this process computes, in increasing order: all of them
         unsharded; sharded, those it claims (every batch is claimed by exactly one rank). ``task``
-        advances past each batch once it is computed here or claimed by another rank."""
+        advances past each batch once it is computed here (unless ``own`` is False: the caller
+        advances it as it goes) or claimed by another rank."""
         sharded = self.shard[1] > 1
         claim = distributed.claimer(f"bench/{self.run_id}/{ev}") if sharded else None
         passed = 0  # batches[:passed] are computed here or claimed elsewhere
@@ -161,7 +163,8 @@ class Evaluator:
             for _, examples in batches[passed:number]:  # claimed by other ranks meanwhile
                 task.advance(len(examples))
             yield batches[number]
-            task.advance(len(batches[number][1]))
+            if own:
+                task.advance(len(batches[number][1]))
             passed = number + 1
         for _, examples in batches[passed:]:
             task.advance(len(examples))
@@ -258,8 +261,9 @@ class Evaluator:
         size = certify_batch(described, self.batch_size)
         streamed = bool(described.get("streamed"))
         with self.progress.task(spec.label, total=len(self.index)) as task:
-            for number, examples in self._work(ev, list(_batches(self.index, size)), task):
+            for number, examples in self._work(ev, list(_batches(self.index, size)), task, own=False):
                 todo = [e for e in examples if e not in done]
+                task.advance(len(examples) - len(todo))
                 if todo:
                     torch.manual_seed(seed_of(self.seed, position, number))
                     x, y = self._tensors(todo)
@@ -267,14 +271,15 @@ class Evaluator:
                     for j, certificate in certifier.certify_each(self.model, x, y, keys=todo, planned=len(examples)):
                         decided.append((j, certificate))
                         if streamed and len(decided) >= CERTIFY_BATCH:  # store what is decided as it comes
-                            self._store_certificates(ev, todo, y, decided)
+                            self._store_certificates(ev, todo, y, decided, task)
                             decided = []
-                    self._store_certificates(ev, todo, y, decided)
+                    self._store_certificates(ev, todo, y, decided, task)
         self._end_stage(ev)
 
     def _store_certificates(self, ev: int, todo: list[int], y: torch.Tensor,
-                            decided: list[tuple[int, Certificate]]) -> None:
-        """Store the certificates ``decided`` (position in ``todo``, certificate) in one commit."""
+                            decided: list[tuple[int, Certificate]], task: Task) -> None:
+        """Store the certificates ``decided`` (position in ``todo``, certificate) in one commit;
+        ``task`` advances by as many."""
         rows = []
         for k, cert in decided:
             label = int(y[k]) if self.task != "multilabel" else None
@@ -287,6 +292,7 @@ class Evaluator:
             samples = sum(c.samples for _, c in decided)
             self.forward_passes += samples
             self.store.add_results(ev, rows, forward=samples)
+            task.advance(len(rows))
 
     def attack(self, position: int, spec: AttackSpec, alive: set[int]) -> set[int]:
         """Attack the still-robust examples ``alive``; returns those that survive.
