@@ -75,12 +75,13 @@ def launch(nproc: int, args: list[str], work: Path, tag: str) -> tuple[float, st
     return float(json.loads(out.read_text())["seconds"]), url
 
 
-def rows(url: str) -> list[tuple]:
+def rows(url: str, skip: tuple[str, ...] = ()) -> list[tuple]:
+    """The per-example rows of the store's one run (evaluations whose method is in ``skip`` left out)."""
     from bench.results.store import Store
 
     store = Store(url)
     (run,) = store.list_runs()
-    evaluations = store.evaluations(run.id)
+    evaluations = [e for e in store.evaluations(run.id) if e.method not in skip]
     position = {e.id: e.position for e in evaluations}
     return sorted((position[r.evaluation_id], r.example_index, r.prediction, r.correct, r.correct_draws,
                    r.perturbation_norm) for r in store.results([e.id for e in evaluations]))

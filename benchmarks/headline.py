@@ -8,7 +8,9 @@ fresh store, alternately for ``--rounds`` rounds, on the same cached model (trai
 first run if the model cache has none; not timed). Timed: the evaluation stages (checks, clean,
 attacks, certificates, saturation checks, audit), from the moment the model is loaded to the end
 of the run. Each stage's seconds come from the progress lines. The two versions' per-example rows
-of every stage are compared: the speed-ups change no number, so they must be identical.
+of every stage are compared: the speed-ups change no number, so they must be identical; except the
+smoothing certificate's, whose noise the packed sampler (issue 17, item 2) draws from a stream per
+example (the same distribution, other draws), so it is left out against a baseline before it.
 
 Target: the evaluation stages at least 4x faster (median of the per-round ratios). Writes the
 section "Headline run (HyCAS on HAM10000)" of docs/performance.md; exit status 1 if the target is
@@ -40,6 +42,7 @@ from distributed import rows  # noqa: E402
 TARGET = 4.0
 BASELINE = "018fc2f"  # main before issue 17's evaluation work (AOL cache, MaxMin, allocator)
 SECTION = "Headline run (HyCAS on HAM10000)"
+SKIP = ("smoothing",)  # stages whose draws changed on purpose since the baseline (the module docstring)
 ARGS = ["run", "--defense", "hycas", "--dataset", "ham10000", "--threads", "2"]
 
 
@@ -108,7 +111,7 @@ def measure(n: int, rounds: int, baseline: str, data_dir: str | None) -> dict[st
                 spent, stages[version], urls[version] = launch(ROOT if version == "new" else old, args, work,
                                                                f"round{number}-{version}")
                 seconds[version].append(spent)
-            identical = identical and rows(urls["old"]) == rows(urls["new"])
+            identical = identical and rows(urls["old"], SKIP) == rows(urls["new"], SKIP)
     ratios = [o / m for o, m in zip(seconds["old"], seconds["new"])]
     return {"n": n, "rounds": rounds, "baseline": baseline, "old": statistics.median(seconds["old"]),
             "new": statistics.median(seconds["new"]), "ratio": statistics.median(ratios), "low": min(ratios),
@@ -139,7 +142,8 @@ def write_report(result: dict, ok: bool) -> None:
         "| measurement | baseline | today | ratio | target | result |\n| --- | ---: | ---: | ---: | --- | --- |\n"
         f"| evaluation stages, median seconds | {result['old']:.1f} | {result['new']:.1f} | {result['ratio']:.2f}x "
         f"({result['low']:.2f}-{result['high']:.2f}) | >= {TARGET:g}x | **{verdict}** |\n"
-        f"| per-example rows of every stage identical | | | {'yes' if result['identical'] else 'NO'} | identical | "
+        "| per-example rows of every stage identical (smoothing certificates left out: other draws) | | | "
+        f"{'yes' if result['identical'] else 'NO'} | identical | "
         f"**{'PASS' if result['identical'] else 'FAIL'}** |\n\n" + stage_table(result["stages"]) + "\n\n"
         "Seconds per round, baseline: " + ", ".join(f"{v:.1f}" for v in result["seconds"]["old"])
         + "; today: " + ", ".join(f"{v:.1f}" for v in result["seconds"]["new"]) + ".\n")
