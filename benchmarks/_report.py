@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,3 +55,12 @@ def unpack(revision: str, dest: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(root), "archive", revision], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return dest
+
+
+def use_tree(src: str) -> None:
+    """Import ``bench`` from the source tree ``src`` (a worker process timing one version); fails
+    if another copy was imported instead."""
+    sys.path.insert(0, src)
+    import bench
+
+    assert Path(bench.__file__).resolve().is_relative_to(Path(src).resolve()), bench.__file__

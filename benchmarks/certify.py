@@ -46,7 +46,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _report import unpack, write_section  # noqa: E402
+from _report import unpack, use_tree, write_section  # noqa: E402
 
 SPEED_TARGET = 2.0
 HYCAS_TARGET = 2.0
@@ -125,11 +125,9 @@ def bench_throughput(model: nn.Module, x: torch.Tensor, num: int, rounds: int = 
 def hycas_worker(src: str, out: str) -> None:
     """``Smoothing.certify`` of a hycas-small model (seeded weights) on HAM10000-shaped images
     (3x64x64, 7 classes) with the code in ``src``: the seconds and the certificates, as JSON."""
-    sys.path.insert(0, src)
-    import bench
+    use_tree(src)
     from bench import device
 
-    assert Path(bench.__file__).resolve().is_relative_to(Path(src).resolve()), bench.__file__
     torch.set_num_threads(2)
     if hasattr(device, "configure_allocator"):
         device.configure_allocator()  # as ``bench run`` does today

@@ -36,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _report import finish, stage_seconds, unpack, write_section  # noqa: E402
+from _report import finish, stage_seconds, unpack, use_tree, write_section  # noqa: E402
 from distributed import rows  # noqa: E402
 
 TARGET = 4.0
@@ -48,12 +48,10 @@ ARGS = ["run", "--defense", "hycas", "--dataset", "ham10000", "--threads", "2"]
 
 def worker(src: str, out: str, argv: list[str]) -> None:
     """``bench run`` from the source tree ``src``, timing from the loaded model to the end."""
-    sys.path.insert(0, src)
-    import bench
+    use_tree(src)
     from bench.cli import app
     from bench.harness import runner
 
-    assert Path(bench.__file__).resolve().is_relative_to(Path(src).resolve()), bench.__file__
     obtain, start = runner.obtain_model, [float("nan")]
 
     def timed(*args, **kwargs):  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ Guarantees (docs/certification.md, "Sampling"):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -62,6 +62,13 @@ def input_noise_sigma(model: nn.Module, sigma: float) -> float:
     return 0.0 if capability(model, "adds_smoothing_noise") else sigma
 
 
+def stream_seeds(keys: Iterable[int]) -> list[int]:
+    """The noise-stream seed of each example named by ``keys``: one draw of torch's global generator
+    mixed with the key (:func:`example_seed`), so a seeded caller gets the same streams again."""
+    base = int(torch.randint(0, 1 << 62, ()).item())
+    return [example_seed(base, int(key)) for key in keys]
+
+
 def example_seed(base: int, key: int) -> int:
     """The seed of one example's noise stream: ``base`` and ``key`` mixed by SplitMix64's
     finalizer, so neighbouring keys give unrelated seeds."""
@@ -87,14 +94,14 @@ class SamplerStats:
 
 class NoiseStream:
     """One example's Gaussian noise, N(0, sigma^2 I) per row: the rows come from its own
-    generator in blocks of ``block`` rows, each block drawn by one call of the same size (a block
+    generator in blocks shaped like ``like``, each block drawn by one call of the same size (a block
     partly used keeps its other rows for the next request). The rows an example receives are
     therefore the same sequence however its requests split it: torch's CPU ``normal_`` draws
     differently for different sizes, so drawing each segment directly would not be."""
 
-    def __init__(self, seed: int, like: torch.Tensor, sigma: float, block: int) -> None:
+    def __init__(self, seed: int, like: torch.Tensor, sigma: float) -> None:
         self.generator = torch.Generator(device=like.device).manual_seed(seed)
-        self.like, self.sigma, self.block = like, sigma, block
+        self.like, self.sigma, self.block = like, sigma, len(like)  # ``like``: one block's shape and layout
         self.spare = like[:0]
 
     def take(self, out: torch.Tensor) -> torch.Tensor:
@@ -141,8 +148,7 @@ class PackedSampler:
     pass (default :func:`auto_batch`). ``amp``: bfloat16 autocast on CUDA. ``compile``: the
     policy of :func:`~bench.models.compiled.wants_compile`, decided once from ``expected`` (the
     most samples the run can draw), so a call's decision depends on the call alone. ``seeds``: one
-    per example for its noise stream (default: derived from one draw of torch's global generator
-    and the example's position, so a seeded caller gets the same streams again).
+    per example for its noise stream (default: :func:`stream_seeds` of the examples' positions).
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, sigma: float, *, width: int | None = None,
@@ -154,10 +160,7 @@ class PackedSampler:
         self.shared = shares_randomness(model)
         self.num_classes = int(capability(model, "num_classes") or 0) or None
         self.amp = amp and x.device.type == "cuda"
-        if seeds is None:
-            base = int(torch.randint(0, 1 << 62, ()).item())
-            seeds = [example_seed(base, j) for j in range(len(x))]
-        self.seeds = list(seeds)
+        self.seeds = list(seeds) if seeds is not None else stream_seeds(range(len(x)))
         if len(self.seeds) != len(x):
             raise ValueError(f"{len(self.seeds)} seeds for {len(x)} examples")
         layout = torch.channels_last if x.device.type == "cuda" and x.ndim == 4 else torch.contiguous_format
@@ -221,7 +224,7 @@ class PackedSampler:
             example = queue.popleft()
             owed = max(0, int(first(example)))
             if owed:
-                noise = NoiseStream(self.seeds[example], self.block, self.sigma, len(self.block))
+                noise = NoiseStream(self.seeds[example], self.block, self.sigma)
                 active.append(_Lane(example, noise, owed))
 
     def _wants_more(self, active: list[_Lane]) -> bool:

@@ -23,7 +23,7 @@ from torch import nn
 
 from bench.capabilities import capability, shares_randomness
 from bench.certifiers.base import ALPHA, Certificate, Certifier, CertifierInfo
-from bench.certifiers.sampler import PackedSampler, auto_batch, example_seed, input_noise_sigma
+from bench.certifiers.sampler import PackedSampler, auto_batch, input_noise_sigma, stream_seeds
 from bench.certifiers.stats import (
     BetaBinomialConfidenceSequence,
     binomial_pvalue,
@@ -216,8 +216,7 @@ class Smoothing(Certifier):
         started = time.perf_counter()
         n0, n = int(p["n0"]), int(p["n"])
         rounds = _SequentialRounds(self, len(x)) if p["sequential"] else _FixedRounds(self, len(x))
-        base = int(torch.randint(0, 1 << 62, ()).item())
-        seeds = [example_seed(base, int(k)) for k in (keys if keys is not None else range(len(x)))]
+        seeds = stream_seeds(keys if keys is not None else range(len(x)))
         sampler = PackedSampler(model, x, self.sigma, width=int(p["batch"]) if p["batch"] else None,
                                 amp=bool(p["amp"]), compile=p["compile"], cache=self.compile_cache, seeds=seeds,
                                 expected=max(len(x), planned or 0) * (n0 + n))
