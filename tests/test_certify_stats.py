@@ -1,4 +1,4 @@
-"""Behavioural tests for bench.certifiers.stats (exact bounds, radii, confidence sequence)."""
+"""Behavioural tests for bench.certifiers.stats (exact bounds, radii, bounds at looks, confidence sequence)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from scipy import special, stats
 
 from bench.certifiers.stats import (
     BetaBinomialConfidenceSequence,
+    ClopperPearsonLooks,
     binomial_pvalue,
     clopper_pearson_interval,
     clopper_pearson_lower,
     cs_lower_bound,
     empirical_bernstein_radius,
+    geometric_looks,
     hoeffding_radius,
     smoothing_radius,
 )
@@ -430,3 +432,75 @@ def test_non_integer_counts_are_rejected():
         clopper_pearson_lower(2.5, 10, 0.05)
     with pytest.raises(TypeError):
         BetaBinomialConfidenceSequence(0.05).update(1.0, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clopper-Pearson at looks fixed in advance
+
+
+def test_geometric_looks_grow_by_the_factor_and_end_at_n():
+    looks = geometric_looks(1000, 1.25, 100_000)
+    assert looks[:4] == [1000, 2250, 3812, 5764]  # rounds of 1,000, 1,250, 1,562, 1,952
+    assert looks[-1] == 100_000 and all(b > a for a, b in zip(looks, looks[1:]))
+    steps = [b - a for a, b in zip([0, *looks], looks)]
+    assert all(b == int(1.25 * a) for a, b in zip(steps[:-2], steps[1:-1]))  # the last round is cut at n
+    assert geometric_looks(1000, 1.25, 300) == [300]
+    assert geometric_looks(1, 1.0, 3) == [1, 2, 3]
+    for bad in ((0, 1.25, 10), (10, 0.5, 10), (10, math.inf, 10), (10, 1.25, 0)):
+        with pytest.raises(ValueError):
+            geometric_looks(*bad)
+
+
+def test_looks_bound_is_clopper_pearson_at_alpha_over_the_looks_and_keeps_the_largest():
+    one = ClopperPearsonLooks([500], 0.01)
+    one.update(480, 500)
+    assert one.lower() == clopper_pearson_lower(480, 500, 0.01) and one.done
+    looks = ClopperPearsonLooks([100, 200, 400], 0.03)
+    assert looks.level == pytest.approx(0.01) and looks.lower() == 0.0 and looks.next_look() == 100
+    looks.update(100, 100)  # all votes: a high first bound
+    first = clopper_pearson_lower(100, 100, 0.01)
+    assert looks.lower() == first and looks.next_look() == 100
+    looks.update(60, 300)  # a round may span looks; the bound at 400 is lower and does not replace it
+    assert clopper_pearson_lower(160, 400, 0.01) < first == looks.lower()
+    assert (looks.k, looks.n, looks.done) == (160, 400, True)
+    with pytest.raises(ValueError, match="looks are taken"):
+        looks.next_look()
+
+
+def test_looks_refuse_counts_outside_the_schedule():
+    looks = ClopperPearsonLooks([100, 200], 0.05)
+    with pytest.raises(ValueError, match="not one of the looks"):
+        looks.update(50, 150)  # a bound at 150 is not covered by the union bound
+    assert (looks.k, looks.n, looks.lower()) == (0, 0, 0.0)  # unchanged
+    with pytest.raises(ValueError):
+        looks.update(101, 100)
+    for bad in ([], [0, 10], [10, 10], [20, 10]):
+        with pytest.raises(ValueError):
+            ClopperPearsonLooks(bad, 0.05)
+    with pytest.raises(ValueError):
+        ClopperPearsonLooks([10], 1.0)
+
+
+def test_looks_bound_holds_under_the_worst_stopping_rule_by_simulation():
+    """The union bound: a sampler that stops at the first look whose bound exceeds the true p (the
+    stopping rule that makes the reported bound wrong as often as possible) is wrong at most alpha
+    of the time; Clopper-Pearson at the full alpha at the same looks ("peeking") is not."""
+    p, alpha, paths = 0.9, 0.2, 1500
+    schedule = geometric_looks(20, 1.25, 2000)
+    rng = np.random.default_rng(17)
+    steps = np.diff([0, *schedule])
+    counts = rng.binomial(steps, p, size=(paths, len(steps)))
+    wrong = 0
+    for row in counts:
+        looks = ClopperPearsonLooks(schedule, alpha)
+        for successes, trials in zip(row, steps):
+            looks.update(int(successes), int(trials))
+            if looks.lower() > p:
+                wrong += 1
+                break
+    slack = 3 * math.sqrt(alpha * (1 - alpha) / paths)
+    assert wrong / paths <= alpha + slack
+    k = np.cumsum(counts, axis=1)
+    peeking = np.where(k > 0, stats.beta.ppf(alpha, np.maximum(k, 1), np.array(schedule) - k + 1), 0.0)
+    peek_wrong = float(np.mean(np.any(peeking > p, axis=1)))
+    assert peek_wrong > alpha + slack and wrong / paths < peek_wrong

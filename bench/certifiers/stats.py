@@ -1,5 +1,5 @@
-"""Statistics for certification: exact binomial bounds, concentration radii, and an
-anytime-valid confidence sequence for a Bernoulli mean.
+"""Statistics for certification: exact binomial bounds, concentration radii, bounds valid at
+looks fixed in advance, and an anytime-valid confidence sequence for a Bernoulli mean.
 
 Pure numpy/scipy (no torch). Every function states the probabilistic guarantee it gives; the
 guarantees are only as good as the sampling assumptions named there (independent draws).
@@ -12,6 +12,15 @@ two-sided exact test that PREDICT uses; :func:`hoeffding_radius` and
 :func:`empirical_bernstein_radius` bound the mean of bounded i.i.d. variables. All of them are
 valid only when ``n`` is fixed *before* looking at the data: recomputing them while sampling
 and stopping once they look good ("peeking") breaks their coverage.
+
+Looks fixed in advance
+----------------------
+:class:`ClopperPearsonLooks` gives Clopper-Pearson bounds at a schedule of cumulative sample
+counts ``t_1 < ... < t_L`` chosen before the data (:func:`geometric_looks`), each at level
+``alpha / L``. By the union bound all L bounds hold at once with probability >= 1 - alpha, so
+sampling may stop at any look, for any reason seen in the data. This is what sequential
+certification uses: its rounds end at such looks, and with L about 15 the price (``log L`` nats
+added to ``log(1/alpha)``) is smaller than a confidence sequence's (about ``(1/2) log n``).
 
 Confidence sequence
 -------------------
@@ -61,17 +70,20 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize, special, stats
 
 __all__ = [
     "BetaBinomialConfidenceSequence",
+    "ClopperPearsonLooks",
     "binomial_pvalue",
     "clopper_pearson_interval",
     "clopper_pearson_lower",
     "cs_lower_bound",
     "empirical_bernstein_radius",
+    "geometric_looks",
     "hoeffding_radius",
     "smoothing_radius",
 ]
@@ -335,6 +347,98 @@ class BetaBinomialConfidenceSequence:
             f"{type(self).__name__}(alpha={self._alpha}, a={self._a}, b={self._b}, "
             f"k={self._k}, n={self._n})"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Clopper-Pearson at looks fixed in advance
+
+
+def geometric_looks(first: int, growth: float, n: int) -> list[int]:
+    """Cumulative sample counts ``t_1 < ... < t_L = n`` of rounds that start at ``first`` samples
+    and grow by ``growth`` (each round ``int(growth * previous)``, the last one cut at ``n``).
+    Depends only on its arguments, so the looks are fixed before any data is seen."""
+    first, n = _as_int(first, "first"), _as_int(n, "n")
+    if first < 1 or n < 1:
+        raise ValueError(f"first and n must be >= 1, got first={first}, n={n}")
+    if not (growth >= 1.0 and math.isfinite(growth)):
+        raise ValueError(f"growth must be finite and >= 1, got {growth}")
+    looks, step, total = [], min(first, n), 0
+    while total < n:
+        total += step
+        looks.append(total)
+        step = max(1, min(int(step * growth), n - total))
+    return looks
+
+
+class ClopperPearsonLooks:
+    """Lower confidence bounds on a Bernoulli mean at looks fixed in advance (union bound).
+
+    Guarantee: let the looks ``t_1 < ... < t_L`` be fixed before any data, and ``k_i`` be the
+    successes among the first ``t_i`` of i.i.d. Bernoulli(p) draws. Each one-sided
+    Clopper-Pearson bound ``clopper_pearson_lower(k_i, t_i, alpha / L)`` exceeds p with
+    probability at most ``alpha / L`` (its fixed-n guarantee: ``t_i`` is fixed), so by the union
+    bound, with probability at least ``1 - alpha`` **every** look's bound is at most p at once.
+    On that event :meth:`lower`, the largest bound of the looks taken so far, is at most p
+    whatever they were, so it stays valid when sampling stops at a data-dependent look, or when
+    later looks are never taken (the failure event is defined on the whole sequence of draws).
+
+    :meth:`update` must land exactly on the next looks (a round may span several); a count
+    ending between looks raises ``ValueError``: a bound at a time outside the schedule is not
+    covered by the union bound. Against a confidence sequence valid at every n, the price of
+    validity at L looks is ``log L`` nats in ``log(1/alpha)`` instead of about ``(1/2) log n``.
+    """
+
+    def __init__(self, looks: Sequence[int], alpha: float) -> None:
+        times = [_as_int(t, "look") for t in looks]
+        if not times or times[0] < 1 or any(b <= a for a, b in zip(times, times[1:])):
+            raise ValueError(f"looks must be increasing positive integers, got {list(looks)}")
+        self.looks = tuple(times)
+        self.alpha = _check_alpha(alpha)
+        self.level = self.alpha / len(times)  # each look's share of alpha
+        self._k = self._n = self._taken = 0
+        self._lower = 0.0
+
+    @property
+    def k(self) -> int:
+        """Successes counted so far."""
+        return self._k
+
+    @property
+    def n(self) -> int:
+        """Trials counted so far (a look, or 0)."""
+        return self._n
+
+    @property
+    def done(self) -> bool:
+        """Whether the last look has been taken."""
+        return self._taken == len(self.looks)
+
+    def next_look(self) -> int:
+        """Trials to draw to reach the next look (ValueError after the last)."""
+        if self.done:
+            raise ValueError(f"all {len(self.looks)} looks are taken")
+        return self.looks[self._taken] - self._n
+
+    def update(self, successes: int, trials: int) -> None:
+        """Add ``successes`` out of ``trials`` new draws, ending exactly on a look."""
+        successes, trials = _as_int(successes, "successes"), _as_int(trials, "trials")
+        if not 0 <= successes <= trials:
+            raise ValueError(f"need 0 <= successes <= trials, got successes={successes}, trials={trials}")
+        n = self._n + trials
+        if n not in self.looks[self._taken:]:
+            raise ValueError(f"{n} trials is not one of the looks fixed in advance {list(self.looks)}")
+        self._k += successes
+        self._n = n
+        self._taken = self.looks.index(n) + 1
+        self._lower = max(self._lower, clopper_pearson_lower(self._k, n, self.level))
+
+    def lower(self) -> float:
+        """The largest Clopper-Pearson bound at level ``alpha / L`` over the looks taken so far
+        (0.0 before the first)."""
+        return self._lower
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alpha={self.alpha}, looks={len(self.looks)}, k={self._k}, n={self._n})"
 
 
 # --------------------------------------------------------------------------------------------
