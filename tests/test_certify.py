@@ -12,7 +12,8 @@ from scipy.stats import norm
 from torch import nn
 
 from bench.certifiers.lipschitz import Lipschitz, rounding_allowance
-from bench.certifiers.smoothing import Smoothing, certify_counts, predict, sample_counts
+from bench.certifiers.smoothing import Smoothing, certify_counts, predict, sample_counts, sequential_looks
+from bench.certifiers.stats import clopper_pearson_lower
 from bench.errors import BenchError
 from bench.models.defended import DefendedModel
 from bench.registry import CERTIFIERS
@@ -149,6 +150,25 @@ def test_sequential_certification_stops_when_the_next_level_is_out_of_reach():
     seq = Smoothing(sigma=0.25, n=50_000, sequential=True, radii=grid).certify(HalfPlane(), x)[0]
     assert sum(seq.radius >= r for r in grid) == sum(fixed.radius >= r for r in grid) == 2
     assert seq.samples < 15_000, seq.samples  # measured 8,225; 31,100 when only the upper bound stopped it
+
+
+def test_sequential_certificates_stop_at_the_looks_with_their_bound():
+    x = torch.full((4, 1, 2, 2), 0.5)
+    x[:, 0, 0, 0] = torch.tensor([0.95, 0.8, 0.6, 0.52])
+    grid, n = [0.0, 0.1, 0.2, 0.4], 30_000
+    certifier = Smoothing(sigma=0.25, n=n, sequential=True, radii=grid)
+    described = certifier.prepare(HalfPlane())
+    looks = sequential_looks(n)
+    assert described["sequential_bound"] == f"clopper-pearson at {len(looks)} looks"  # resumes refuse other bounds
+    assert "sequential_bound" not in Smoothing(sigma=0.25).prepare(HalfPlane())
+    torch.manual_seed(8)
+    for cert in certifier.certify(HalfPlane(), x):
+        used = cert.samples - 100
+        assert used in looks  # every stop is at a look fixed in advance
+        # the reported bound is the largest of the looks' bounds at alpha / L: at least the last one's
+        assert cert.bound >= clopper_pearson_lower(cert.count_a, used, 0.001 / len(looks))
+        if not cert.abstained:
+            assert cert.radius == pytest.approx(0.25 * norm.ppf(cert.bound))
 
 
 def test_lipschitz_certificate_of_a_deterministic_model():

@@ -25,10 +25,10 @@ from bench.capabilities import capability, shares_randomness
 from bench.certifiers.base import ALPHA, Certificate, Certifier, CertifierInfo
 from bench.certifiers.sampler import PackedSampler, auto_batch, input_noise_sigma, stream_seeds
 from bench.certifiers.stats import (
-    BetaBinomialConfidenceSequence,
+    ClopperPearsonLooks,
     binomial_pvalue,
     clopper_pearson_lower,
-    cs_lower_bound,
+    geometric_looks,
     smoothing_radius,
 )
 from bench.errors import BenchError
@@ -130,7 +130,8 @@ def streams(model: nn.Module) -> bool:
     return not bool(capability(model, "randomized"))
 
 
-GROWTH = 1.25  # sequential rounds: 1,000 samples, then 1.25x the previous round (overshoot of a stop: < 25 %)
+FIRST_ROUND = 1000  # sequential rounds: 1,000 samples, then 1.25x the previous round (overshoot of a stop: < 25 %)
+GROWTH = 1.25
 # futility projects the remaining votes at the one-sided upper Clopper-Pearson bound at this level
 # (a stopping rule, not a guarantee: it trades samples against how often a borderline example
 # stops one grid radius lower than fixed n would have certified; docs/certification.md)
@@ -153,8 +154,9 @@ class Smoothing(Certifier):
 
     CERTIFY: ``n0`` samples select the class, ``n`` separate samples estimate p_A with a one-sided
     Clopper-Pearson bound at level ``alpha``; abstain when the bound is at most 1/2.
-    ``sequential=True`` replaces the fixed ``n`` by an anytime-valid confidence sequence that
-    stops as soon as the radius grid level is decided (at most ``n`` samples; same guarantee).
+    ``sequential=True`` replaces the fixed ``n`` by rounds that end at looks fixed in advance,
+    each with a Clopper-Pearson bound at alpha / (number of looks), and stops at the first look
+    where the radius grid level is decided (at most ``n`` samples; same guarantee).
 
     Parameters: ``sigma`` (default: the model's declared ``sigma``), ``n0`` (100), ``n`` (100,000),
     ``alpha`` (0.001), ``batch`` (noise samples per forward pass; default sized from the input),
@@ -191,11 +193,13 @@ class Smoothing(Certifier):
             raise BenchError("smoothing: the model declares no sigma (it was not trained with Gaussian noise); "
                              "give one with --sigma")
         self.sigma = SIGMA.check(f"certifier '{self.name}'", "sigma", sigma)  # the model's may be anything
-        return {"certifier": "smoothing", "sigma": self.sigma, "window": certify_window(model),
-                "streamed": streams(model),
-                "n0": int(self.params["n0"]),
-                "n": int(self.params["n"]), "alpha": float(self.params["alpha"]),
-                "sequential": bool(self.params["sequential"]), "amp": bool(self.params["amp"])}
+        described = {"certifier": "smoothing", "sigma": self.sigma, "window": certify_window(model),
+                     "streamed": streams(model), "n0": int(self.params["n0"]),
+                     "n": int(self.params["n"]), "alpha": float(self.params["alpha"]),
+                     "sequential": bool(self.params["sequential"]), "amp": bool(self.params["amp"])}
+        if described["sequential"]:  # runs stored with the earlier confidence sequence do not resume with this
+            described["sequential_bound"] = f"clopper-pearson at {len(sequential_looks(described['n']))} looks"
+        return described
 
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> list[Certificate]:
         out: list[Certificate | None] = [None] * len(x)
@@ -255,61 +259,62 @@ class _FixedRounds:
         return c, r, n_a, b, self.n
 
 
-class _SequentialRounds:
-    """Anytime-valid estimation: per example, rounds of 1,000 samples growing 1.25x, until the
-    grid level is decided (or ``n`` samples are drawn).
+def sequential_looks(n: int) -> list[int]:
+    """The estimation sample counts at which sequential certification may stop (at most ``n``):
+    fixed by ``n`` alone, before any data."""
+    return geometric_looks(FIRST_ROUND, GROWTH, n)
 
-    The failure probability alpha is split in two halves: a confidence sequence at alpha/2
-    (valid at every time, so at the data-dependent stopping time), and a Clopper-Pearson
-    bound at alpha/2 for the fixed time n (used only by examples that reach n). By the union
-    bound the reported lower bound holds with probability >= 1 - alpha (docs/certification.md).
-    Each example's rounds depend only on its own votes: when the others stop does not matter.
+
+class _SequentialRounds:
+    """Sequential estimation: per example, rounds ending at the looks of :func:`sequential_looks`
+    (1,000 samples, then rounds 1.25x larger, ``n`` at most), until the grid level is decided.
+
+    The bound is :class:`ClopperPearsonLooks`: at each look the one-sided Clopper-Pearson bound
+    at level alpha / L (L looks), the largest so far reported. By the union bound every look's
+    bound holds at once with probability >= 1 - alpha, so stopping at a look chosen from the
+    data keeps the guarantee (docs/certification.md). Each example's rounds depend only on its
+    own votes: when the others stop does not matter.
     """
 
     def __init__(self, certifier: Smoothing, size: int) -> None:
         p = certifier.params
-        self.sigma, self.half, self.n_max = certifier.sigma, float(p["alpha"]) / 2, int(p["n"])
+        self.sigma, self.alpha, self.n_max = certifier.sigma, float(p["alpha"]), int(p["n"])
         radii = sorted(float(r) for r in (p["radii"] or (0.0,)))
         self.thresholds = [0.5 if r == 0 else _phi(r / self.sigma) for r in radii]
         self.classes: list[int | None] = [None] * size
-        self.sequences = [BetaBinomialConfidenceSequence(self.half) for _ in range(size)]
-        self.steps = [0] * size
+        looks = sequential_looks(self.n_max)
+        self.bounds = [ClopperPearsonLooks(looks, self.alpha) for _ in range(size)]
 
     def after(self, example: int, votes: torch.Tensor) -> int:
-        cs = self.sequences[example]
+        bound = self.bounds[example]
         if self.classes[example] is None:  # the selection round
             self.classes[example] = int(votes.argmax())
-            step = min(1000, self.n_max)
         else:
-            cs.update(int(votes[self.classes[example]]), self.steps[example])
-            if not self._undecided(cs):
+            bound.update(int(votes[self.classes[example]]), int(votes.sum()))
+            if not self._undecided(bound):
                 return 0
-            step = min(int(self.steps[example] * GROWTH), self.n_max - cs.n)  # never exceed n in total
-        self.steps[example] = step
-        return step
+        return bound.next_look()
 
-    def _undecided(self, cs: BetaBinomialConfidenceSequence) -> bool:
-        """Whether the grid level is still open and reachable: the confidence sequence has not
-        decided it and, by futility, more samples could still raise it."""
-        if cs.n >= self.n_max:
+    def _undecided(self, bound: ClopperPearsonLooks) -> bool:
+        """Whether the grid level is still open and reachable. Futility: the bound at the last
+        look if the remaining samples voted for c_A at the rate of a one-sided 95 % upper bound on
+        the votes so far must certify more grid radii than the bound has now. (A stopping rule
+        never affects validity; this one also covers "the upper bound is below the next grid
+        threshold", since the projected bound is below that rate.)"""
+        if bound.done:
             return False
-        # futility: the bound reachable by n if the remaining samples voted for c_A at the
-        # rate of a 95 % upper confidence bound (a stopping rule never affects validity)
-        rate = 1.0 - clopper_pearson_lower(cs.n - cs.k, cs.n, FUTILITY_LEVEL)
-        best_k = cs.k + math.floor((self.n_max - cs.n) * rate)
-        reachable = max(cs_lower_bound(best_k, self.n_max, self.half),
-                        clopper_pearson_lower(best_k, self.n_max, self.half))
-        level = _grid_level(cs.lower(), self.thresholds)
-        return level < min(_grid_level(cs.upper(), self.thresholds), _grid_level(reachable, self.thresholds))
+        k, n = bound.k, bound.n
+        rate = 1.0 - clopper_pearson_lower(n - k, n, FUTILITY_LEVEL)
+        best_k = k + math.floor((self.n_max - n) * rate)
+        reachable = clopper_pearson_lower(best_k, self.n_max, bound.level)
+        return _grid_level(bound.lower(), self.thresholds) < _grid_level(reachable, self.thresholds)
 
     def result(self, example: int) -> Outcome:
-        c_a, cs = self.classes[example], self.sequences[example]
-        lower = cs.lower()
-        if cs.n >= self.n_max:  # reached the fixed time n: the Clopper-Pearson half of alpha applies
-            lower = max(lower, clopper_pearson_lower(cs.k, cs.n, self.half))
+        c_a, bound = self.classes[example], self.bounds[example]
+        lower = bound.lower()
         if lower <= 0.5:
-            return None, 0.0, cs.k, lower, cs.n
-        return c_a, smoothing_radius(lower, self.sigma), cs.k, lower, cs.n
+            return None, 0.0, bound.k, lower, bound.n
+        return c_a, smoothing_radius(lower, self.sigma), bound.k, lower, bound.n
 
 
 def _phi(z: float) -> float:

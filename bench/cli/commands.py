@@ -181,8 +181,8 @@ def run(
                                                      show_default=False)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Certification failure probability [default 0.001].",
                                                    show_default=False)] = None,
-    sequential: Annotated[bool, typer.Option("--sequential", help="smoothing: anytime-valid sequential "
-                                             "certification (stops once the radius grid level is decided).")] = False,
+    sequential: Annotated[bool, typer.Option("--sequential", help="smoothing: sequential certification "
+                                             "(stops once the radius grid level is decided; same guarantee).")] = False,
     radii: Annotated[Optional[str], typer.Option(help="Radius grid for certified accuracy, e.g. 0,0.25,0.5 "
                                                  "[default: the dataset's].", show_default=False)] = None,
     certify_param: Annotated[Optional[list[str]], typer.Option(
