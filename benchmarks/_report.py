@@ -1,5 +1,6 @@
-"""Shared by the benchmark scripts: replace one "## Title" section of docs/performance.md, read
-each stage's seconds from bench's progress lines, and end a script the same way."""
+"""Shared by the benchmark scripts: replace one "## Title" section of docs/performance.md (keeping its
+hand-written notes), read each stage's seconds from bench's progress lines, and end a script the
+same way."""
 
 from __future__ import annotations
 
@@ -12,15 +13,21 @@ from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 HEADER = ("# Performance\n\nMeasurements written by the scripts in `benchmarks/` (see benchmarks/README.md). "
-          "Each section is\nreplaced when its script runs again.\n\n")
+          "Each section is\nreplaced when its script runs again, except its hand-written notes.\n\n")
+
+
+NOTES = "<!-- notes: written by hand, kept when the script reruns -->"
 
 
 def write_section(title: str, body: str, path: Path = DOC) -> None:
-    """Replace the section headed ``## title`` (or append it) with ``## title`` + ``body``."""
-    new = f"## {title}\n\n{body.strip()}\n"
+    """Replace the section headed ``## title`` (or append it) with ``## title`` + ``body``. Hand-written
+    notes of the old section, from a line ``NOTES`` to its end, are kept after the new body."""
     text = path.read_text() if path.exists() else HEADER
     pattern = re.compile(rf"^## {re.escape(title)}\s*$.*?(?=^## |\Z)", re.M | re.S)
-    text = pattern.sub(lambda _: new + "\n", text, count=1) if pattern.search(text) else text.rstrip() + "\n\n" + new
+    found = pattern.search(text)
+    notes = found.group(0)[found.group(0).index(NOTES):].strip() if found and NOTES in found.group(0) else ""
+    new = f"## {title}\n\n{body.strip()}\n" + (f"\n{notes}\n" if notes else "")
+    text = pattern.sub(lambda _: new + "\n", text, count=1) if found else text.rstrip() + "\n\n" + new
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip() + "\n")
 
