@@ -25,7 +25,8 @@ def write_section(title: str, body: str, path: Path = DOC) -> None:
     text = path.read_text() if path.exists() else HEADER
     pattern = re.compile(rf"^## {re.escape(title)}\s*$.*?(?=^## |\Z)", re.M | re.S)
     found = pattern.search(text)
-    notes = found.group(0)[found.group(0).index(NOTES):].strip() if found and NOTES in found.group(0) else ""
+    old = found.group(0) if found else ""
+    notes = old[old.index(NOTES):].strip() if NOTES in old else ""
     new = f"## {title}\n\n{body.strip()}\n" + (f"\n{notes}\n" if notes else "")
     text = pattern.sub(lambda _: new + "\n", text, count=1) if found else text.rstrip() + "\n\n" + new
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -248,10 +248,10 @@ def oracle_samples(count_a: int, n: int, bound: float, radii: tuple[float, ...],
     run's estimate ``count_a / n`` and each sample count hit its expectation: an oracle that knows
     when to stop. An abstention costs it the selection alone. ``looks``: the same oracle held to
     the sequential certifier's looks and their level alpha / L (the first look that suffices)."""
-    from bench.certifiers.smoothing import _grid_level, _phi, sequential_looks
+    from bench.certifiers.smoothing import _grid_level, grid_thresholds, sequential_looks
     from bench.certifiers.stats import clopper_pearson_lower
 
-    thresholds = [0.5 if r == 0 else _phi(r / SIGMA) for r in sorted(radii)]
+    thresholds = grid_thresholds(radii, SIGMA)
     level = _grid_level(bound, thresholds)
     if level == 0:
         return n0

@@ -138,6 +138,12 @@ GROWTH = 1.25
 FUTILITY_LEVEL = 0.05
 
 
+def grid_thresholds(radii: Sequence[float], sigma: float) -> list[float]:
+    """The p_A each grid radius needs, in increasing order of the radii: 1/2 for radius 0 (the
+    bound must exceed it), Phi(r / sigma) for r > 0 (the bound must reach it); see :func:`_grid_level`."""
+    return [0.5 if r == 0 else _phi(r / sigma) for r in sorted(float(r) for r in radii)]
+
+
 def _grid_level(p: float, thresholds: list[float]) -> int:
     """How many grid radii a p_A bound certifies (radius 0 needs p > 1/2, radius r > 0 needs
     p >= Phi(r / sigma))."""
@@ -279,8 +285,7 @@ class _SequentialRounds:
     def __init__(self, certifier: Smoothing, size: int) -> None:
         p = certifier.params
         self.sigma, self.alpha, self.n_max = certifier.sigma, float(p["alpha"]), int(p["n"])
-        radii = sorted(float(r) for r in (p["radii"] or (0.0,)))
-        self.thresholds = [0.5 if r == 0 else _phi(r / self.sigma) for r in radii]
+        self.thresholds = grid_thresholds(p["radii"] or (0.0,), self.sigma)
         self.classes: list[int | None] = [None] * size
         looks = sequential_looks(self.n_max)
         self.bounds = [ClopperPearsonLooks(looks, self.alpha) for _ in range(size)]

@@ -124,6 +124,32 @@ def _check_positive(value: float, name: str) -> float:
     return value
 
 
+class _Draws:
+    """Successes and trials of i.i.d. Bernoulli draws counted so far (both 0 at the start)."""
+
+    _k = 0
+    _n = 0
+
+    @property
+    def k(self) -> int:
+        """Successes counted so far."""
+        return self._k
+
+    @property
+    def n(self) -> int:
+        """Trials counted so far."""
+        return self._n
+
+    @staticmethod
+    def _checked(successes: object, trials: object) -> tuple[int, int]:
+        """``successes`` out of ``trials`` new draws as integers; ValueError unless
+        ``0 <= successes <= trials``."""
+        successes_i, trials_i = _as_int(successes, "successes"), _as_int(trials, "trials")
+        if not 0 <= successes_i <= trials_i:
+            raise ValueError(f"need 0 <= successes <= trials, got successes={successes_i}, trials={trials_i}")
+        return successes_i, trials_i
+
+
 # --------------------------------------------------------------------------------------------
 # exact binomial bounds
 
@@ -281,7 +307,7 @@ def cs_lower_bound(k: int, n: int, alpha: float, a: float = 0.5, b: float = 0.5)
     return _cs_lower(k, n, alpha, a, b)
 
 
-class BetaBinomialConfidenceSequence:
+class BetaBinomialConfidenceSequence(_Draws):
     """Anytime-valid confidence sequence for a Bernoulli mean (Beta(a, b) mixture martingale).
 
     Guarantee: if the counts passed to :meth:`update` come from i.i.d. Bernoulli(p) draws
@@ -298,8 +324,6 @@ class BetaBinomialConfidenceSequence:
         self._alpha = _check_alpha(alpha)
         self._a = _check_positive(a, "a")
         self._b = _check_positive(b, "b")
-        self._k = 0
-        self._n = 0
         self._cache: tuple[int, int, float, float] | None = None
 
     @property
@@ -307,21 +331,9 @@ class BetaBinomialConfidenceSequence:
         """Miscoverage level of the whole sequence."""
         return self._alpha
 
-    @property
-    def k(self) -> int:
-        """Successes counted so far."""
-        return self._k
-
-    @property
-    def n(self) -> int:
-        """Trials counted so far."""
-        return self._n
-
     def update(self, successes: int, trials: int) -> None:
         """Add ``successes`` out of ``trials`` new draws (``0 <= successes <= trials``)."""
-        successes, trials = _as_int(successes, "successes"), _as_int(trials, "trials")
-        if trials < 0 or not 0 <= successes <= trials:
-            raise ValueError(f"need 0 <= successes <= trials, got successes={successes}, trials={trials}")
+        successes, trials = self._checked(successes, trials)
         self._k += successes
         self._n += trials
 
@@ -370,7 +382,7 @@ def geometric_looks(first: int, growth: float, n: int) -> list[int]:
     return looks
 
 
-class ClopperPearsonLooks:
+class ClopperPearsonLooks(_Draws):
     """Lower confidence bounds on a Bernoulli mean at looks fixed in advance (union bound).
 
     Guarantee: let the looks ``t_1 < ... < t_L`` be fixed before any data, and ``k_i`` be the
@@ -395,18 +407,8 @@ class ClopperPearsonLooks:
         self.looks = tuple(times)
         self.alpha = _check_alpha(alpha)
         self.level = self.alpha / len(times)  # each look's share of alpha
-        self._k = self._n = self._taken = 0
+        self._taken = 0  # looks taken: ``n`` is ``looks[_taken - 1]``, or 0
         self._lower = 0.0
-
-    @property
-    def k(self) -> int:
-        """Successes counted so far."""
-        return self._k
-
-    @property
-    def n(self) -> int:
-        """Trials counted so far (a look, or 0)."""
-        return self._n
 
     @property
     def done(self) -> bool:
@@ -421,9 +423,7 @@ class ClopperPearsonLooks:
 
     def update(self, successes: int, trials: int) -> None:
         """Add ``successes`` out of ``trials`` new draws, ending exactly on a look."""
-        successes, trials = _as_int(successes, "successes"), _as_int(trials, "trials")
-        if not 0 <= successes <= trials:
-            raise ValueError(f"need 0 <= successes <= trials, got successes={successes}, trials={trials}")
+        successes, trials = self._checked(successes, trials)
         n = self._n + trials
         if n not in self.looks[self._taken:]:
             raise ValueError(f"{n} trials is not one of the looks fixed in advance {list(self.looks)}")
